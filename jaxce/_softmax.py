@@ -70,6 +70,10 @@ def _prepare(logits: ArrayLike, axis, where, name: str = "logits") -> _Logits:
         has_class = jnp.any(class_mask, axis=-1)
         keep = has_class if keep is None else keep & has_class
     x = layout.to_last(_reduce.upcast(logits))
+    if class_mask is not None:
+        # Masked classes may hold anything (padding, NaN); -inf takes them out of every formula
+        # and, unlike a mask applied after exp, keeps their gradient exactly zero.
+        x = jnp.where(class_mask, x, jnp.full((), -jnp.inf, x.dtype))
     return _Logits(x, class_mask, keep, layout, logits.shape)
 
 
@@ -291,7 +295,9 @@ def softmax_cross_entropy(
                             sample_weights=sample_weights)
     lg = lg.neutralised(lg.keep)
     if not _is_zero(label_smoothing):
-        t = (1 - label_smoothing) * t + label_smoothing / jnp.asarray(lg.count())[..., None]
+        count = lg.count()
+        per_row = count if isinstance(count, int) else count[..., None]
+        t = (1 - label_smoothing) * t + label_smoothing / per_row
     m, log_s = _log_normalizer(lg.x, lg.class_mask)
     log_p = _log_softmax(lg.x, m, log_s)
     loss = -jnp.sum(_safe_product(t, log_p, lg.class_mask, _class_weight_vector(class_weights, lg)),

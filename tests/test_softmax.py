@@ -1,0 +1,676 @@
+"""Tests of the softmax cross-entropy family against float64 references, optax and PyTorch."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from jax.experimental import checkify
+
+import jaxce
+from reference import check_grads_2, log_softmax, weighted_reduce, xlogy
+
+N, C = 6, 5
+REDUCTIONS = ("none", "sum", "mean")
+
+
+# ----------------------------------------------------------------------------- references
+def ref_integer_ce(x, y, *, mask=None, ignore_index=None, eps=0.0, cw=None, sw=None, z=0.0,
+                   reduction="none"):
+    """Float64 reference of softmax_cross_entropy_with_integer_labels, classes last."""
+    x = np.asarray(x, np.float64)
+    n_rows, n_cls = x.shape
+    cw = np.ones(n_cls) if cw is None else np.asarray(cw, np.float64)
+    sw = np.ones(n_rows) if sw is None else np.broadcast_to(np.asarray(sw, np.float64), (n_rows,))
+    mask = np.ones_like(x, bool) if mask is None else np.broadcast_to(mask, x.shape)
+    loss, weight = np.zeros(n_rows), np.zeros(n_rows)
+    for i in range(n_rows):
+        if (ignore_index is not None and y[i] == ignore_index) or not mask[i].any():
+            continue
+        if not (0 <= y[i] < n_cls) or not mask[i, y[i]]:
+            loss[i], weight[i] = np.nan, sw[i] * (cw[y[i]] if 0 <= y[i] < n_cls else 1.0)
+            continue
+        lp = log_softmax(x[i], mask[i])
+        smooth = np.sum(np.where(mask[i], cw * -lp, 0.0)) / mask[i].sum()
+        lse = _lse(x[i][mask[i]])
+        loss[i] = sw[i] * ((1 - eps) * cw[y[i]] * -lp[y[i]] + eps * smooth + z * lse**2)
+        weight[i] = sw[i] * cw[y[i]]
+    return weighted_reduce(loss, weight, reduction)
+
+
+def _lse(v):
+    m = np.max(v)
+    return m + np.log(np.sum(np.exp(v - m)))
+
+
+def ref_soft_ce(x, t, *, mask=None, eps=0.0, cw=None, sw=None, z=0.0, reduction="none"):
+    x = np.asarray(x, np.float64)
+    n_rows, n_cls = x.shape
+    cw = np.ones(n_cls) if cw is None else np.asarray(cw, np.float64)
+    sw = np.ones(n_rows) if sw is None else np.broadcast_to(np.asarray(sw, np.float64), (n_rows,))
+    mask = np.ones_like(x, bool) if mask is None else np.broadcast_to(mask, x.shape)
+    loss, weight = np.zeros(n_rows), np.zeros(n_rows)
+    for i in range(n_rows):
+        if not mask[i].any():
+            continue
+        ti = (1 - eps) * np.asarray(t[i], np.float64) + eps / mask[i].sum()
+        lp = log_softmax(x[i], mask[i])
+        lse = _lse(x[i][mask[i]])
+        loss[i] = sw[i] * (-np.sum(np.where(mask[i], cw * xlogy(ti, lp), 0.0)) + z * lse**2)
+        weight[i] = sw[i]
+    return weighted_reduce(loss, weight, reduction)
+
+
+def ref_focal(x, y, gamma, alpha=None):
+    lp = log_softmax(x)
+    lp_y = np.take_along_axis(lp, np.asarray(y)[:, None], -1)[:, 0]
+    a = 1.0 if alpha is None else (np.asarray(alpha)[y] if np.ndim(alpha) else alpha)
+    return -a * (1 - np.exp(lp_y)) ** gamma * lp_y
+
+
+def data(seed=0, n=N, c=C, scale=2.0):
+    rng = np.random.default_rng(seed)
+    x = (scale * rng.normal(size=(n, c))).astype(np.float32)
+    y = rng.integers(0, c, size=n).astype(np.int32)
+    t = rng.dirichlet(np.ones(c), size=n).astype(np.float32)
+    mask = rng.uniform(size=(n, c)) > 0.3
+    mask[np.arange(n), y] = True
+    cw = rng.uniform(0.5, 2.0, size=c).astype(np.float32)
+    sw = rng.uniform(0.0, 2.0, size=n).astype(np.float32)
+    return x, y, t, mask, cw, sw
+
+
+INTEGER_OPTIONS = {
+    "plain": {},
+    "smoothing": {"label_smoothing": 0.1},
+    "class_weights": {"class_weights": True},
+    "smoothing_weights": {"label_smoothing": 0.2, "class_weights": True},
+    "ignore": {"ignore_index": 2},
+    "where": {"where": True},
+    "sample_weights": {"sample_weights": True},
+    "z_loss": {"z_loss": 1e-2},
+    "everything": {"label_smoothing": 0.1, "class_weights": True, "ignore_index": 2,
+                   "where": True, "sample_weights": True, "z_loss": 1e-2},
+}
+
+
+def _integer_call(options, x, y, mask, cw, sw):
+    """Translates an INTEGER_OPTIONS entry into jaxce kwargs and reference kwargs."""
+    kw, ref = {}, {}
+    if "label_smoothing" in options:
+        kw["label_smoothing"] = ref["eps"] = options["label_smoothing"]
+    if options.get("class_weights"):
+        kw["class_weights"], ref["cw"] = cw, cw
+    if "ignore_index" in options:
+        kw["ignore_index"] = ref["ignore_index"] = options["ignore_index"]
+    if options.get("where"):
+        kw["where"], ref["mask"] = mask, mask
+    if options.get("sample_weights"):
+        kw["sample_weights"], ref["sw"] = sw, sw
+    if "z_loss" in options:
+        kw["z_loss"] = ref["z"] = options["z_loss"]
+    return kw, ref
+
+
+# ----------------------------------------------------------------------------- integer labels
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", list(INTEGER_OPTIONS))
+def test_integer_ce_matches_float64_reference(name, reduction):
+    x, y, _, mask, cw, sw = data(1)
+    kw, ref = _integer_call(INTEGER_OPTIONS[name], x, y, mask, cw, sw)
+    got = jaxce.softmax_cross_entropy_with_integer_labels(x, y, reduction=reduction, **kw)
+    want = ref_integer_ce(x, y, reduction=reduction, **ref)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["plain", "everything", "smoothing_weights"])
+def test_integer_ce_grads_order_2(name):
+    x, y, _, mask, cw, sw = data(2)
+    kw, _ = _integer_call(INTEGER_OPTIONS[name], x, y, mask, cw, sw)
+    kw = {k: (np.asarray(v, np.float64) if k in ("class_weights", "sample_weights") else v)
+          for k, v in kw.items()}
+
+    def f(logits):
+        return jaxce.softmax_cross_entropy_with_integer_labels(logits, y, reduction="mean", **kw)
+
+    check_grads_2(f, (x,))
+
+
+def test_integer_ce_z_loss_gradient_matches_formula():
+    x, y, *_ = data(3)
+    with jax.enable_x64(True):
+        x64 = jnp.asarray(x, jnp.float64)
+        g = jax.grad(lambda v: jaxce.softmax_cross_entropy_with_integer_labels(
+            v, y, z_loss=0.5, reduction="sum"))(x64)
+    p = np.exp(log_softmax(x))
+    lse = np.log(np.exp(x.astype(np.float64)).sum(-1, keepdims=True))
+    want = p - np.eye(C)[y] + 0.5 * 2 * lse * p
+    np.testing.assert_allclose(g, want, rtol=1e-10, atol=1e-12)
+
+
+def test_jit_equals_eager():
+    x, y, _, mask, cw, sw = data(4)
+    f = functools.partial(jaxce.softmax_cross_entropy_with_integer_labels, label_smoothing=0.1,
+                          class_weights=cw, ignore_index=1, z_loss=1e-3)
+    np.testing.assert_allclose(jax.jit(f)(x, y, where=mask), f(x, y, where=mask), rtol=1e-6)
+    g = functools.partial(jaxce.softmax_cross_entropy, label_smoothing=0.1, class_weights=cw)
+    t = data(4)[2]
+    np.testing.assert_allclose(jax.jit(g)(x, t), g(x, t), rtol=1e-6)
+
+
+def test_vmap_over_batch_and_spatial_axes():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3, C, 4, 2)).astype(np.float32)  # (N, C, H, W), classes on axis 1
+    y = rng.integers(0, C, size=(3, 4, 2))
+    full = jaxce.softmax_cross_entropy_with_integer_labels(x, y, axis=1, label_smoothing=0.1)
+    over_batch = jax.vmap(functools.partial(
+        jaxce.softmax_cross_entropy_with_integer_labels, axis=0, label_smoothing=0.1))(x, y)
+    over_width = jax.vmap(functools.partial(
+        jaxce.softmax_cross_entropy_with_integer_labels, axis=1, label_smoothing=0.1),
+        in_axes=(3, 2), out_axes=2)(x, y)
+    np.testing.assert_allclose(over_batch, full, rtol=1e-6)
+    np.testing.assert_allclose(over_width, full, rtol=1e-6)
+    t = jax.nn.softmax(jnp.asarray(rng.normal(size=x.shape)), axis=1)
+    soft = jaxce.softmax_cross_entropy(x, t, axis=1)
+    np.testing.assert_allclose(jax.vmap(functools.partial(jaxce.softmax_cross_entropy, axis=0))(x, t),
+                               soft, rtol=1e-6)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2, -2])
+def test_moved_class_axis_equals_moveaxis(axis):
+    rng = np.random.default_rng(6)
+    last = rng.normal(size=(3, 4, C)).astype(np.float32)
+    y = rng.integers(0, C, size=(3, 4))
+    moved = np.moveaxis(last, -1, axis)
+    want = jaxce.softmax_cross_entropy_with_integer_labels(last, y, class_weights=data()[4])
+    got = jaxce.softmax_cross_entropy_with_integer_labels(moved, y, axis=axis,
+                                                          class_weights=data()[4])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    t = rng.dirichlet(np.ones(C), size=(3, 4))
+    np.testing.assert_allclose(jaxce.softmax_cross_entropy(moved, np.moveaxis(t, -1, axis), axis=axis),
+                               jaxce.softmax_cross_entropy(last, t), rtol=1e-6)
+
+
+def test_where_equals_boolean_indexing():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(4, 7)).astype(np.float32)
+    keep = np.array([True, False, True, True, False, True, False])
+    kept = np.flatnonzero(keep)
+    y_kept = rng.integers(0, kept.size, size=4)
+    y_full = kept[y_kept]
+    got = jaxce.softmax_cross_entropy_with_integer_labels(x, y_full, where=keep[None, :],
+                                                          label_smoothing=0.2)
+    want = jaxce.softmax_cross_entropy_with_integer_labels(x[:, keep], y_kept, label_smoothing=0.2)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    t_kept = rng.dirichlet(np.ones(kept.size), size=4).astype(np.float32)
+    t_full = np.zeros_like(x)
+    t_full[:, keep] = t_kept
+    np.testing.assert_allclose(
+        jaxce.softmax_cross_entropy(x, t_full, where=keep[None, :], label_smoothing=0.2),
+        jaxce.softmax_cross_entropy(x[:, keep], t_kept, label_smoothing=0.2), rtol=1e-6)
+
+
+def test_example_mask_where_drops_examples():
+    x, y, t, *_ = data(8)
+    keep = np.array([True, False, True, True, False, True])
+    got = jaxce.softmax_cross_entropy_with_integer_labels(x, y, where=keep, reduction="mean")
+    want = jaxce.softmax_cross_entropy_with_integer_labels(x[keep], y[keep], reduction="mean")
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    per = jaxce.softmax_cross_entropy(x, t, where=keep)
+    assert np.all(np.asarray(per)[~keep] == 0)
+
+
+def test_tuple_axis_matches_optax_and_flat_index():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)
+    y = rng.integers(0, 15, size=(2, 4))
+    got = jaxce.softmax_cross_entropy_with_integer_labels(x, y, axis=(1, 3))
+    np.testing.assert_allclose(got, optax.softmax_cross_entropy_with_integer_labels(x, y, axis=(1, 3)),
+                               rtol=1e-5)
+    flat = np.transpose(x, (0, 2, 1, 3)).reshape(2, 4, 15)
+    np.testing.assert_allclose(got, ref_integer_ce(flat.reshape(8, 15), y.reshape(8)).reshape(2, 4),
+                               rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- soft labels
+SOFT_OPTIONS = {
+    "plain": {},
+    "smoothing": {"eps": 0.1},
+    "class_weights": {"cw": True},
+    "where": {"mask": True},
+    "sample_weights": {"sw": True},
+    "z_loss": {"z": 1e-2},
+    "everything": {"eps": 0.1, "cw": True, "mask": True, "sw": True, "z": 1e-2},
+}
+_SOFT_KW = {"eps": "label_smoothing", "cw": "class_weights", "mask": "where",
+            "sw": "sample_weights", "z": "z_loss"}
+
+
+def _soft_call(options, mask, cw, sw):
+    values = {"mask": mask, "cw": cw, "sw": sw}
+    ref = {k: (values[k] if v is True else v) for k, v in options.items()}
+    return {_SOFT_KW[k]: v for k, v in ref.items()}, ref
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", list(SOFT_OPTIONS))
+def test_soft_ce_matches_float64_reference(name, reduction):
+    x, _, t, mask, cw, sw = data(10)
+    kw, ref = _soft_call(SOFT_OPTIONS[name], mask, cw, sw)
+    got = jaxce.softmax_cross_entropy(x, t, reduction=reduction, **kw)
+    np.testing.assert_allclose(got, ref_soft_ce(x, t, reduction=reduction, **ref),
+                               rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["plain", "everything"])
+def test_soft_ce_grads_order_2(name):
+    x, _, t, mask, cw, sw = data(11)
+    kw, _ = _soft_call(SOFT_OPTIONS[name], mask, cw, sw)
+    kw = {k: (np.asarray(v, np.float64) if k in ("class_weights", "sample_weights") else v)
+          for k, v in kw.items()}
+    check_grads_2(lambda logits, target: jaxce.softmax_cross_entropy(
+        logits, target, reduction="mean", **kw), (x, t))
+
+
+def test_soft_ce_with_onehot_equals_integer_ce():
+    x, y, *_ = data(12)
+    onehot = np.eye(C, dtype=np.float32)[y]
+    for kw in ({}, {"label_smoothing": 0.3}, {"z_loss": 0.1}):
+        np.testing.assert_allclose(jaxce.softmax_cross_entropy(x, onehot, **kw),
+                                   jaxce.softmax_cross_entropy_with_integer_labels(x, y, **kw),
+                                   rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- other members
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_nll_loss_matches_reference(reduction):
+    x, y, _, _, cw, sw = data(13)
+    lp = np.asarray(jax.nn.log_softmax(x), np.float64)
+    y = y.copy()
+    y[0] = -100
+    got = jaxce.nll_loss(lp, y, ignore_index=-100, class_weights=cw, sample_weights=sw,
+                         reduction=reduction)
+    keep = y != -100
+    ys = np.where(keep, y, 0)
+    w = keep * sw * cw[ys]
+    want = weighted_reduce(-w * lp[np.arange(N), ys], w, reduction)
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+    check_grads_2(lambda v: jaxce.nll_loss(v, y, ignore_index=-100, reduction="mean"), (lp,))
+
+
+def test_cross_entropy_equals_nll_of_log_softmax():
+    x, y, _, _, cw, _ = data(14)
+    np.testing.assert_allclose(
+        jaxce.nll_loss(jax.nn.log_softmax(x), y, class_weights=cw, reduction="mean"),
+        jaxce.softmax_cross_entropy_with_integer_labels(x, y, class_weights=cw, reduction="mean"),
+        rtol=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("alpha", [None, 0.25, "vector"])
+def test_softmax_focal_matches_reference(gamma, alpha):
+    x, y, _, _, cw, _ = data(15)
+    a = cw if alpha == "vector" else alpha
+    got = jaxce.softmax_focal_loss(x, y, gamma=gamma, alpha=a)
+    np.testing.assert_allclose(got, ref_focal(x, y, gamma, a), rtol=2e-6, atol=1e-7)
+    onehot = np.eye(C, dtype=np.float32)[y]
+    np.testing.assert_allclose(jaxce.softmax_focal_loss(x, onehot, gamma=gamma, alpha=a), got,
+                               rtol=2e-6, atol=1e-7)
+
+
+def test_softmax_focal_gamma_zero_is_cross_entropy_and_grads():
+    x, y, *_ = data(16)
+    np.testing.assert_allclose(jaxce.softmax_focal_loss(x, y, gamma=0.0),
+                               jaxce.softmax_cross_entropy_with_integer_labels(x, y), rtol=1e-6)
+    check_grads_2(lambda v: jaxce.softmax_focal_loss(v, y, gamma=1.5, reduction="sum"), (x,))
+    check_grads_2(lambda v: jaxce.softmax_focal_loss(v, y, gamma=0.5, ignore_index=y[0],
+                                                     reduction="mean"), (x,))
+
+
+def test_softmax_focal_confident_prediction_has_zero_finite_gradient():
+    x = jnp.array([[200.0, 0.0, 0.0]])  # p_y rounds to 1 in float32
+    for gamma in (0.5, 2.0):
+        g = jax.grad(lambda v, gm=gamma: jaxce.softmax_focal_loss(v, jnp.array([0]), gamma=gm).sum())(x)
+        assert np.all(np.isfinite(g)) and np.allclose(g, 0)
+
+
+def test_poly_loss_matches_reference_optax_and_grads():
+    x, y, t, mask, *_ = data(17)
+    lp = log_softmax(x)
+    want = -np.sum(t * lp, -1) + 2.0 * np.sum(t * (1 - np.exp(lp)), -1)
+    got = jaxce.poly_loss_cross_entropy(x, t, epsilon=2.0)
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+    np.testing.assert_allclose(got, optax.losses.poly_loss_cross_entropy(x, t, epsilon=2.0), rtol=1e-5)
+    np.testing.assert_allclose(jaxce.poly_loss_cross_entropy(x, t, 1.0, -1, mask),
+                               optax.losses.poly_loss_cross_entropy(x, t, epsilon=1.0, axis=-1, where=mask), rtol=1e-5)
+    check_grads_2(lambda v: jaxce.poly_loss_cross_entropy(v, t, epsilon=1.5, reduction="mean"), (x,))
+
+
+def test_smooth_labels_matches_optax_and_formula():
+    _, y, _, mask, *_ = data(18)
+    onehot = np.eye(C, dtype=np.float32)[y]
+    np.testing.assert_allclose(jaxce.smooth_labels(onehot, 0.1), 0.9 * onehot + 0.1 / C, rtol=1e-6)
+    np.testing.assert_allclose(jaxce.smooth_labels(onehot, 0.1),
+                               optax.smooth_labels(onehot, 0.1), rtol=1e-6)
+    np.testing.assert_allclose(jaxce.smooth_labels(onehot, 0.1, where=mask),
+                               optax.smooth_labels(onehot, 0.1, where=mask), rtol=1e-6)
+    check_grads_2(lambda v: jaxce.smooth_labels(v, 0.2), (onehot,))
+
+
+def test_label_smoothing_equals_ce_on_smoothed_labels():
+    x, y, _, mask, *_ = data(19)
+    onehot = np.eye(C, dtype=np.float32)[y]
+    np.testing.assert_allclose(
+        jaxce.softmax_cross_entropy_with_integer_labels(x, y, label_smoothing=0.3),
+        jaxce.softmax_cross_entropy(x, jaxce.smooth_labels(onehot, 0.3)), rtol=1e-5)
+    np.testing.assert_allclose(
+        jaxce.softmax_cross_entropy_with_integer_labels(x, y, where=mask, label_smoothing=0.3),
+        jaxce.softmax_cross_entropy(x, jaxce.smooth_labels(onehot, 0.3, where=mask), where=mask),
+        rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- optax parity
+def test_optax_parity_for_shared_names():
+    x, y, t, mask, *_ = data(20)
+    row_keep = np.array([True, True, False, True, True, False])
+    pairs = [
+        (jaxce.softmax_cross_entropy(x, t), optax.softmax_cross_entropy(x, t)),
+        (jaxce.softmax_cross_entropy(x, t, where=mask), optax.softmax_cross_entropy(x, t, where=mask)),
+        (jaxce.softmax_cross_entropy(x, t, -1, row_keep),
+         optax.softmax_cross_entropy(x, t, -1, row_keep)),
+        (jaxce.softmax_cross_entropy_with_integer_labels(x, y),
+         optax.softmax_cross_entropy_with_integer_labels(x, y)),
+        (jaxce.softmax_cross_entropy_with_integer_labels(x, y, -1, mask),
+         optax.softmax_cross_entropy_with_integer_labels(x, y, -1, mask)),
+        (jaxce.softmax_cross_entropy_with_integer_labels(x, y, -1, row_keep),
+         optax.softmax_cross_entropy_with_integer_labels(x, y, -1, row_keep)),
+    ]
+    for ours, theirs in pairs:
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_fully_masked_rows_give_zero_like_optax():
+    x, y, t, *_ = data(21)
+    mask = np.ones_like(x, bool)
+    mask[2] = False
+    ours = jaxce.softmax_cross_entropy_with_integer_labels(x, y, where=mask)
+    np.testing.assert_allclose(ours, optax.softmax_cross_entropy_with_integer_labels(x, y, where=mask),
+                               rtol=1e-5)
+    assert ours[2] == 0
+    mean = jaxce.softmax_cross_entropy_with_integer_labels(x, y, where=mask, reduction="mean")
+    np.testing.assert_allclose(mean, np.delete(np.asarray(ours), 2).mean(), rtol=1e-6)
+    g = jax.grad(lambda v: jaxce.softmax_cross_entropy(v, t, where=mask, reduction="mean"))(x)
+    assert np.all(np.asarray(g)[2] == 0) and np.all(np.isfinite(g))
+
+
+# ----------------------------------------------------------------------------- torch parity
+def _torch_ce(x, target, **kw):
+    xt = torch.tensor(np.asarray(x), dtype=torch.float64, requires_grad=True)
+    tt = torch.tensor(np.asarray(target))
+    if "weight" in kw and kw["weight"] is not None:
+        kw["weight"] = torch.tensor(np.asarray(kw["weight"]), dtype=torch.float64)
+    out = torch.nn.functional.cross_entropy(xt, tt, **kw)
+    out.sum().backward()
+    return out.detach().numpy(), xt.grad.numpy()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.15])
+def test_torch_parity_class_indices(reduction, weighted, smoothing):
+    rng = np.random.default_rng(22)
+    x = rng.normal(size=(4, C, 3)).astype(np.float32)  # (N, C, d1)
+    y = rng.integers(0, C, size=(4, 3))
+    y[0, 1] = y[2, 2] = -100
+    cw = rng.uniform(0.5, 2.0, size=C).astype(np.float32) if weighted else None
+    want, want_grad = _torch_ce(x.astype(np.float64), y, weight=cw, ignore_index=-100,
+                                reduction=reduction, label_smoothing=smoothing)
+
+    def f(v):
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            v, y, axis=1, ignore_index=-100, class_weights=cw, label_smoothing=smoothing,
+            reduction=reduction)
+
+    np.testing.assert_allclose(f(x), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda v: jnp.sum(f(v)))(x), want_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.15])
+def test_torch_parity_probability_targets(reduction, weighted, smoothing):
+    rng = np.random.default_rng(23)
+    x = rng.normal(size=(4, C, 3)).astype(np.float32)
+    t = np.moveaxis(rng.dirichlet(np.ones(C), size=(4, 3)), -1, 1).astype(np.float32)
+    cw = rng.uniform(0.5, 2.0, size=C).astype(np.float32) if weighted else None
+    want, want_grad = _torch_ce(x.astype(np.float64), t.astype(np.float64), weight=cw,
+                                reduction=reduction, label_smoothing=smoothing)
+
+    def f(v):
+        return jaxce.softmax_cross_entropy(v, t, axis=1, class_weights=cw,
+                                           label_smoothing=smoothing, reduction=reduction)
+
+    np.testing.assert_allclose(f(x), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda v: jnp.sum(f(v)))(x), want_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_parity_nll_loss(reduction):
+    x, y, _, _, cw, _ = data(24)
+    lp = np.asarray(jax.nn.log_softmax(x))
+    y = y.copy()
+    y[3] = -100
+    want = torch.nn.functional.nll_loss(torch.tensor(lp), torch.tensor(y, dtype=torch.long),
+                                        weight=torch.tensor(cw), ignore_index=-100,
+                                        reduction=reduction).numpy()
+    got = jaxce.nll_loss(lp, y, ignore_index=-100, class_weights=cw, reduction=reduction)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- reductions
+def test_sum_and_weight_parts_combine_exactly_across_micro_batches():
+    x, y, _, _, cw, sw = data(25, n=8)
+    y[[1, 5]] = -1
+    kw = {"ignore_index": -1, "class_weights": cw, "sample_weights": sw}
+    full = jaxce.softmax_cross_entropy_with_integer_labels(x, y, reduction="mean", **kw)
+    parts = [jaxce.softmax_cross_entropy_with_integer_labels(
+        x[i:i + 4], y[i:i + 4], reduction="sum_and_weight", ignore_index=-1, class_weights=cw,
+        sample_weights=sw[i:i + 4]) for i in (0, 4)]
+    total = sum(p[0] for p in parts)
+    weight = sum(p[1] for p in parts)
+    np.testing.assert_allclose(jaxce.weighted_mean(total, weight), full, rtol=1e-6)
+
+
+def test_sum_and_weight_with_psum_over_devices_axis():
+    x, y, *_ = data(26, n=8)
+    y[2] = -100
+    full = jaxce.softmax_cross_entropy_with_integer_labels(x, y, ignore_index=-100, reduction="mean")
+
+    def shard(xs, ys):
+        total, weight = jaxce.softmax_cross_entropy_with_integer_labels(
+            xs, ys, ignore_index=-100, reduction="sum_and_weight")
+        return jaxce.weighted_mean(jax.lax.psum(total, "d"), jax.lax.psum(weight, "d"))
+
+    out = jax.vmap(shard, axis_name="d")(x.reshape(4, 2, C), y.reshape(4, 2))
+    np.testing.assert_allclose(out, np.full(4, full), rtol=1e-6)
+
+
+def test_all_ignored_mean_is_zero_with_zero_gradient():
+    x, y, *_ = data(27)
+    y[:] = -100
+    f = lambda v: jaxce.softmax_cross_entropy_with_integer_labels(v, y, ignore_index=-100,
+                                                                 reduction="mean")
+    assert f(x) == 0.0
+    g = jax.grad(f)(x)
+    assert np.all(np.asarray(g) == 0)
+
+
+def test_reduction_none_carries_weights():
+    x, y, _, _, cw, sw = data(28)
+    per = jaxce.softmax_cross_entropy_with_integer_labels(x, y, class_weights=cw, sample_weights=sw)
+    plain = jaxce.softmax_cross_entropy_with_integer_labels(x, y)
+    np.testing.assert_allclose(per, plain * cw[y] * sw, rtol=1e-6)
+
+
+def test_checkpoint_gradients_equal():
+    x, y, *_ = data(29)
+    f = lambda v: jaxce.softmax_cross_entropy_with_integer_labels(v, y, label_smoothing=0.1,
+                                                                 reduction="mean")
+    np.testing.assert_allclose(jax.grad(jax.checkpoint(f))(x), jax.grad(f)(x), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- numerics
+def test_neg_inf_logits_with_zero_target_mass_are_finite_to_second_order():
+    x = jnp.array([[0.5, -jnp.inf, 1.0, -jnp.inf], [2.0, 1.0, -jnp.inf, 0.0]])
+    y = jnp.array([0, 3])
+    t = jnp.array([[0.3, 0.0, 0.7, 0.0], [0.2, 0.5, 0.0, 0.3]])
+    losses = {
+        "integer": lambda v: jaxce.softmax_cross_entropy_with_integer_labels(
+            v, y, label_smoothing=0.0, z_loss=1e-3, reduction="sum"),
+        "soft": lambda v: jaxce.softmax_cross_entropy(v, t, z_loss=1e-3, reduction="sum"),
+        "focal": lambda v: jaxce.softmax_focal_loss(v, y, gamma=2.0, reduction="sum"),
+        "poly": lambda v: jaxce.poly_loss_cross_entropy(v, t, reduction="sum"),
+    }
+    for name, f in losses.items():
+        assert np.isfinite(f(x)), name
+        assert np.all(np.isfinite(jax.grad(f)(x))), name
+        assert np.all(np.isfinite(jax.hessian(f)(x))), name
+        _, tangent = jax.jvp(f, (x,), (jnp.ones_like(x),))
+        assert np.isfinite(tangent), name
+
+
+def test_masked_classes_holding_nan_do_not_leak():
+    x = jnp.array([[1.0, jnp.nan, 0.0]])
+    mask = jnp.array([[True, False, True]])
+    f = lambda v: jaxce.softmax_cross_entropy_with_integer_labels(v, jnp.array([0]), where=mask).sum()
+    assert np.isfinite(f(x)) and np.all(np.isfinite(jax.grad(f)(x)))
+
+
+def test_logits_near_float32_max_do_not_overflow():
+    big = np.finfo(np.float32).max / 2
+    x = jnp.array([[big, -big, 0.0], [big, big * 0.999, -big]])
+    y = jnp.array([0, 1])
+    loss = jaxce.softmax_cross_entropy_with_integer_labels(x, y, label_smoothing=0.1)
+    with jax.enable_x64(True):
+        want = ref_integer_ce(np.asarray(x, np.float64), np.asarray(y), eps=0.1)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    g = jax.grad(lambda v: jaxce.softmax_cross_entropy_with_integer_labels(v, y).sum())(x)
+    assert np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_computes_in_float32(dtype):
+    x, y, t, *_ = data(30)
+    xh = jnp.asarray(x, dtype)
+    loss = jaxce.softmax_cross_entropy_with_integer_labels(xh, y, label_smoothing=0.1)
+    assert loss.dtype == jnp.float32
+    want = ref_integer_ce(np.asarray(xh.astype(jnp.float32)), y, eps=0.1)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    g = jax.grad(lambda v: jaxce.softmax_cross_entropy(v, t, reduction="mean"))(xh)
+    assert g.dtype == dtype
+    big = jnp.array([[jnp.finfo(dtype).max, 0.0, -jnp.finfo(dtype).max]], dtype)
+    assert np.isfinite(jaxce.softmax_cross_entropy_with_integer_labels(big, jnp.array([1])))
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("bad", [-1, C, C + 7])
+def test_out_of_range_label_gives_nan_only_for_that_example(bad):
+    x, y, *_ = data(31)
+    y[2] = bad
+    loss = np.asarray(jaxce.softmax_cross_entropy_with_integer_labels(x, y))
+    assert np.isnan(loss[2]) and np.all(np.isfinite(np.delete(loss, 2)))
+    assert np.isnan(jaxce.softmax_cross_entropy_with_integer_labels(x, y, reduction="mean"))
+    assert np.isnan(jaxce.nll_loss(x, y)[2])
+    assert np.isnan(jaxce.softmax_focal_loss(x, y)[2])
+
+
+def test_label_of_masked_class_is_invalid():
+    x, y, *_ = data(32)
+    mask = np.ones_like(x, bool)
+    mask[1, y[1]] = False
+    loss = np.asarray(jaxce.softmax_cross_entropy_with_integer_labels(x, y, where=mask))
+    assert np.isnan(loss[1]) and np.all(np.isfinite(np.delete(loss, 1)))
+
+
+def test_checkify_names_the_bad_label():
+    x, y, *_ = data(33)
+    y[4] = 17
+    f = jax.jit(lambda v, lab: jaxce.softmax_cross_entropy_with_integer_labels(v, lab))
+    err, _ = checkify.checkify(f, errors=checkify.user_checks)(x, y)
+    with pytest.raises(checkify.JaxRuntimeError, match="invalid integer label 17 at flat position 4"):
+        err.throw()
+    y[4] = 0
+    err, _ = checkify.checkify(f, errors=checkify.user_checks)(x, y)
+    err.throw()  # valid labels: no error
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y.astype(np.float32)),
+         TypeError, "`labels` must have an integer dtype"),
+        (lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y[:-1]),
+         ValueError, r"`labels` has shape \(5,\) but must have shape \(6,\)"),
+        (lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x.astype(np.int32), y),
+         TypeError, "`logits` must have a floating dtype"),
+        (lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y, axis=2),
+         ValueError, "`axis` 2 is out of range"),
+        (lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y, reduction="avg"),
+         ValueError, "`reduction` must be one of"),
+        (lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y, class_weights=np.ones(3)),
+         ValueError, r"`class_weights` has shape \(3,\) but must have shape \(5,\)"),
+        (lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y, sample_weights=np.ones(4)),
+         ValueError, r"`sample_weights` has shape \(4,\)"),
+        (lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y, where=np.ones((6, 5))),
+         TypeError, "`where` must be a boolean mask"),
+        (lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y, where=np.ones((2, 6, 5), bool)),
+         ValueError, r"`where` has shape \(2, 6, 5\)"),
+        (lambda x, y: jaxce.softmax_cross_entropy(x, np.ones((6, 4), np.float32)),
+         ValueError, r"`labels` has shape \(6, 4\), which does not broadcast to \(6, 5\)"),
+        (lambda x, y: jaxce.softmax_cross_entropy(x, y),
+         TypeError, "`labels` must have a floating dtype"),
+        (lambda x, y: jaxce.nll_loss(x, y, class_weights=np.ones(2)),
+         ValueError, "`class_weights`"),
+        (lambda x, y: jaxce.softmax_focal_loss(x, jax.nn.one_hot(y, 5), ignore_index=0),
+         ValueError, "`ignore_index` applies to integer labels only"),
+    ],
+)
+def test_bad_input_raises_clear_errors(call, error, match):
+    x, y, *_ = data(34)
+    with pytest.raises(error, match=match):
+        call(x, y)
+    with pytest.raises(error, match=match):
+        jax.jit(call)(x, y)
+
+
+# ----------------------------------------------------------------------------- properties
+_logits = hnp.arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(2, 6)),
+                     elements=st.floats(-30, 30, width=32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(_logits, st.floats(-50, 50, width=32), st.data())
+def test_shift_invariance_and_non_negativity(x, shift, draw):
+    y = draw.draw(hnp.arrays(np.int32, x.shape[:1], elements=st.integers(0, x.shape[1] - 1)))
+    loss = jaxce.softmax_cross_entropy_with_integer_labels(x, y, label_smoothing=0.1)
+    shifted = jaxce.softmax_cross_entropy_with_integer_labels(x + shift, y, label_smoothing=0.1)
+    assert np.all(np.asarray(loss) >= 0)
+    np.testing.assert_allclose(shifted, loss, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(_logits, st.floats(0.0, 1.0), st.data())
+def test_onehot_ce_equals_nll_and_smoothing_identity(x, eps, draw):
+    y = draw.draw(hnp.arrays(np.int32, x.shape[:1], elements=st.integers(0, x.shape[1] - 1)))
+    onehot = np.eye(x.shape[1], dtype=np.float32)[y]
+    ce = jaxce.softmax_cross_entropy(x, onehot)
+    np.testing.assert_allclose(ce, jaxce.nll_loss(jax.nn.log_softmax(x), y), rtol=1e-5, atol=1e-5)
+    smoothed = jaxce.softmax_cross_entropy_with_integer_labels(x, y, label_smoothing=eps)
+    np.testing.assert_allclose(smoothed, (1 - eps) * ce + eps * jaxce.softmax_cross_entropy(
+        x, np.full_like(onehot, 1.0 / x.shape[1])), rtol=1e-4, atol=1e-4)
