@@ -23,7 +23,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import checkify
 
 from jaxce import _checks
@@ -190,15 +189,14 @@ def _check_labels(bad: Array, labels: Array, num_classes: int, ignore_index) -> 
 
 
 def take_class(x: Array, labels: Array) -> Array:
-    """``x[..., labels]`` for ``x`` of shape ``(..., C)`` and ``labels`` of shape ``(...)``.
+    """``x[..., labels]`` for ``x`` of shape ``(..., C)`` and in-range ``labels`` of shape ``(...)``.
 
-    A compare-and-select reduction rather than a gather: XLA fuses it into one pass with the
-    other reductions over ``x``, and its transpose is an elementwise select, not a scatter.
+    A gather, measured against a compare-and-select reduction (which avoids a scatter in the
+    backward pass): on CPU the select's transpose materialises an ``(N, C)`` array that XLA does
+    not fuse (512 MiB at 4096 x 32768), while the gather's scatter-add updates the gradient in
+    place, 2.5x faster with no temporary.
     """
-    hit = lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1) == labels[..., None]
-    if x.dtype == jnp.bool_:
-        return jnp.any(hit & x, axis=-1)
-    return jnp.sum(jnp.where(hit, x, jnp.zeros((), x.dtype)), axis=-1)
+    return jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
 
 
 def finish(raw_loss: Array, info: Examples, reduction: str):
