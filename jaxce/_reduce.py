@@ -201,10 +201,12 @@ def take_class(x: Array, labels: Array) -> Array:
 
 def finish(raw_loss: Array, info: Examples, reduction: str):
     """Zeroes dropped examples, marks invalid ones NaN, weights and reduces."""
-    loss = jnp.where(info.keep, raw_loss, jnp.zeros((), raw_loss.dtype))
+    # A zero weight masks its example exactly: select before multiplying, or an infinite loss
+    # would give inf * 0 = NaN (and a NaN gradient with respect to the weight).
+    dropped = ~info.keep | (info.weight == 0)
+    loss = jnp.where(dropped, jnp.zeros((), raw_loss.dtype), raw_loss) * info.weight
     if info.bad is not None:
         loss = jnp.where(info.bad, jnp.full((), jnp.nan, loss.dtype), loss)
-    loss = loss * info.weight
     return reduce_loss(loss, info.denominator, reduction)
 
 

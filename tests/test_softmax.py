@@ -511,6 +511,18 @@ def test_all_ignored_mean_is_zero_with_zero_gradient():
     assert np.all(np.asarray(g) == 0)
 
 
+def test_zero_sample_weight_masks_an_infinite_loss_exactly():
+    x = jnp.array([[0.0, -jnp.inf, 1.0], [0.5, 0.2, 0.1]])
+    y = jnp.array([1, 0])  # the first label sits on a -inf logit: its loss is +inf
+    sw = jnp.array([0.0, 1.0])
+    f = lambda v, w: jaxce.softmax_cross_entropy_with_integer_labels(v, y, sample_weights=w,
+                                                                    reduction="mean")
+    np.testing.assert_allclose(f(x, sw), ref_integer_ce(np.asarray(x)[1:], np.asarray(y)[1:])[0],
+                               rtol=1e-6)
+    gx, gw = jax.grad(f, argnums=(0, 1))(x, sw)
+    assert np.all(np.asarray(gx)[0] == 0) and np.all(np.isfinite(gx)) and np.all(np.isfinite(gw))
+
+
 def test_reduction_none_carries_weights():
     x, y, _, _, cw, sw = data(28)
     per = jaxce.softmax_cross_entropy_with_integer_labels(x, y, class_weights=cw, sample_weights=sw)
