@@ -1,10 +1,22 @@
 """jaxce: cross-entropy-family losses for JAX.
 
 Every loss is a pure function of arrays that works under ``jax.jit``, ``jax.vmap``,
-``jax.grad``/``jax.jvp`` (to second order) and ``jax.checkpoint``. Losses return one value per
-example by default (``reduction="none"``); see ``README.md`` for the shared conventions.
+``jax.grad``/``jax.jvp`` (to second order) and ``jax.checkpoint``; the one exception is the
+fused ``linear_softmax_cross_entropy``, which supports reverse mode only. Losses return one
+value per example by default (``reduction="none"``); see ``README.md`` for the conventions.
 """
 
+from jaxce._binary import binary_cross_entropy as binary_cross_entropy
+from jaxce._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
+from jaxce._binary import sigmoid_focal_loss as sigmoid_focal_loss
+from jaxce._divergence import binary_entropy as binary_entropy
+from jaxce._divergence import entropy as entropy
+from jaxce._divergence import js_divergence as js_divergence
+from jaxce._divergence import kl_divergence as kl_divergence
+from jaxce._divergence import (
+    kl_divergence_with_log_targets as kl_divergence_with_log_targets,
+)
+from jaxce._divergence import softmax_kl_divergence as softmax_kl_divergence
 from jaxce._reduce import weighted_mean as weighted_mean
 from jaxce._softmax import nll_loss as nll_loss
 from jaxce._softmax import poly_loss_cross_entropy as poly_loss_cross_entropy
@@ -18,11 +30,20 @@ from jaxce._softmax import softmax_focal_loss as softmax_focal_loss
 __version__ = "0.1.0"
 
 __all__ = [
+    "binary_cross_entropy",
+    "binary_entropy",
+    "entropy",
+    "js_divergence",
+    "kl_divergence",
+    "kl_divergence_with_log_targets",
     "nll_loss",
     "poly_loss_cross_entropy",
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss",
     "smooth_labels",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
     "softmax_focal_loss",
+    "softmax_kl_divergence",
     "weighted_mean",
 ]

@@ -1,0 +1,272 @@
+"""Elementwise binary losses: sigmoid cross-entropy, cross-entropy on probabilities, focal loss.
+
+Every loss here is elementwise: an "example" is one element of ``logits``, ``labels`` have
+(or broadcast to) the shape of ``logits``, and the weights, reductions and dtype policy are
+``_reduce``'s. All logs are taken in log space with ``softplus``:
+``-log sigmoid(x) = softplus(-x)`` and ``-log(1 - sigmoid(x)) = softplus(x)``, both
+non-negative, so nothing cancels or overflows for logits up to the dtype's limit.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxce import _checks, _reduce
+from jaxce._softmax import _is_zero
+
+Array = jax.Array
+ArrayLike = jax.typing.ArrayLike
+
+_LOG_CLAMP = -100.0  # PyTorch's clamp of each log term in ``binary_cross_entropy``
+
+
+def _binary_targets(labels: ArrayLike, shape: tuple[int, ...], dtype, what: str) -> Array:
+    """``labels`` as ``dtype``, broadcast to ``shape``; floating, integer or bool dtypes."""
+    labels = jnp.asarray(labels)
+    if not (
+        jnp.issubdtype(labels.dtype, jnp.floating)
+        or jnp.issubdtype(labels.dtype, jnp.integer)
+        or labels.dtype == jnp.bool_
+    ):
+        raise TypeError(
+            f"`labels` must have a floating, integer or bool dtype, got {labels.dtype}."
+        )
+    labels = _checks.broadcastable(labels, "labels", shape, what)
+    return labels.astype(dtype)
+
+
+def _weighted_softplus(weight: Array, z: Array) -> Array:
+    """``weight * softplus(z)`` with ``0 * inf = 0``: an infinite logit whose term has zero
+    weight contributes nothing, and no NaN reaches the gradient (the double-where trick)."""
+    sp = jax.nn.softplus(z)
+    dead = (weight == 0) & jnp.isinf(sp)
+    return weight * jnp.where(dead, jnp.zeros((), sp.dtype), sp)
+
+
+def _sigmoid_ce(x: Array, y: Array, pos_weight: Array | None = None) -> Array:
+    r"""``-(w y log sigmoid(x) + (1 - y) log(1 - sigmoid(x)))`` as two non-negative parts."""
+    pos = y if pos_weight is None else pos_weight * y
+    return _weighted_softplus(pos, -x) + _weighted_softplus(1 - y, x)
+
+
+def sigmoid_binary_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    pos_weight: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "none",
+):
+    r"""Binary cross-entropy on logits (optax's and PyTorch's ``BCEWithLogits``), elementwise.
+
+    For a logit :math:`x`, target :math:`y \in [0, 1]` and positive-class weight :math:`w_+`:
+
+    .. math::
+      \ell = w_+\, y \,\operatorname{softplus}(-x) + (1 - y)\operatorname{softplus}(x)
+           = -\big(w_+\, y \log\sigma(x) + (1 - y)\log(1 - \sigma(x))\big)
+
+    With :math:`w_+ = 1` this is the stable ``max(x, 0) - x * y + log1p(exp(-|x|))``. Label
+    smoothing :math:`\varepsilon` replaces :math:`y` by :math:`y (1 - \varepsilon) +
+    \varepsilon / 2`. The loss is then multiplied by ``sample_weights``.
+
+    Both terms are computed as non-negative ``softplus`` values, so logits up to the dtype's
+    limit neither overflow nor cancel. At infinite logits a term with zero weight is exactly
+    0 (no NaN, unlike optax and PyTorch): ``x = -inf, y = 0`` gives loss 0 and gradient 0.
+    Where the exact loss is infinite (``x = -inf`` with :math:`y > 0`, or ``x = +inf`` with
+    :math:`y < 1`) the loss is ``+inf`` and its gradient w.r.t. the logit is the finite limit
+    :math:`\sigma(x)(1 - y + w_+ y) - w_+ y` (e.g. ``-1`` at ``x = -inf, y = 1``).
+
+    The mean is the weighted mean :math:`\sum_i s_i \ell_i / \sum_i s_i` over elements
+    (``sample_weights`` :math:`s`); PyTorch's ``weight`` with ``reduction="mean"`` is instead
+    :math:`\operatorname{mean}(s \ell)` (``jaxce.pytorch`` keeps that).
+
+    Args:
+      logits: float array of any shape; half precision is computed in float32.
+      labels: targets in ``[0, 1]`` (float, or integer/bool ``{0, 1}``), broadcastable to
+        ``logits``.
+      pos_weight: weight :math:`w_+` of the positive term, broadcastable to ``logits`` as in
+        PyTorch (per class on the last axis: shape ``(C,)``; for ``(N, C, H, W)`` logits:
+        ``(C, 1, 1)``).
+      sample_weights: weights broadcastable to ``logits``.
+      label_smoothing: :math:`\varepsilon \in [0, 1]`.
+      reduction: ``"none"`` (per element), ``"sum"``, ``"mean"`` (weighted mean) or
+        ``"sum_and_weight"`` (numerator and denominator of the mean).
+
+    Returns:
+      Per-element losses of ``logits``'s shape (``reduction="none"``) or a scalar; float32 for
+      half-precision logits, else the logits' dtype.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jaxce
+      >>> logits = jnp.log(jnp.array([0.7, 0.2]) / jnp.array([0.3, 0.8]))  # sigmoid = (0.7, 0.2)
+      >>> labels = jnp.array([1.0, 0.0])
+      >>> jaxce.sigmoid_binary_cross_entropy(logits, labels)
+      Array([0.3567, 0.2231], dtype=float32)
+      >>> round(float(jaxce.sigmoid_binary_cross_entropy(logits, labels, reduction="mean")), 4)
+      0.2899
+      >>> jaxce.sigmoid_binary_cross_entropy(jnp.array([-jnp.inf, 1e30]), jnp.array([0.0, 1.0]))
+      Array([0., 0.], dtype=float32)
+    """
+    logits = _checks.as_floating(logits, "logits")
+    x = _reduce.upcast(logits)
+    y = _binary_targets(labels, x.shape, x.dtype, "targets for `logits`")
+    if not _is_zero(label_smoothing):
+        y = y * (1 - label_smoothing) + label_smoothing / 2
+    pw = None
+    if pos_weight is not None:
+        pw = _checks.as_floating(pos_weight, "pos_weight")
+        pw = _checks.broadcastable(pw, "pos_weight", x.shape, "a weight per element of `logits`")
+        pw = pw.astype(x.dtype)
+    info = _reduce.examples(x.shape, x.dtype, sample_weights=sample_weights)
+    return _reduce.finish(_sigmoid_ce(x, y, pw), info, reduction)
+
+
+def _clamped_log(p: Array) -> Array:
+    """``max(log p, -100)`` with a finite gradient: 0 where the clamp is active, including
+    ``p = 0`` and probabilities below the dtype's smallest normal number (which count as 0)."""
+    live = p >= jnp.finfo(p.dtype).tiny
+    log_p = jnp.log(jnp.where(live, p, jnp.ones((), p.dtype)))
+    live = live & (log_p > _LOG_CLAMP)
+    return jnp.where(live, log_p, jnp.full((), _LOG_CLAMP, p.dtype))
+
+
+def binary_cross_entropy(
+    probs: ArrayLike,
+    labels: ArrayLike,
+    *,
+    sample_weights: ArrayLike | None = None,
+    reduction: str = "none",
+):
+    r"""Binary cross-entropy on probabilities (PyTorch's ``binary_cross_entropy``), elementwise.
+
+    .. math::
+      \ell = -\big(y \max(\log p, -100) + (1 - y)\max(\log(1 - p), -100)\big)
+
+    Each log term is clamped at ``-100`` as in PyTorch, so ``p = 0`` or ``p = 1`` gives a finite
+    loss (at most 100). The gradient is that of this clamped function and is finite everywhere
+    in ``[0, 1]``: a clamped term contributes 0 (PyTorch instead returns
+    :math:`(p - y) / \max(p (1 - p), 10^{-12})`). Probabilities below the dtype's smallest normal
+    number count as 0. A probability outside ``[0, 1]`` gives NaN for its element. Prefer
+    :func:`sigmoid_binary_cross_entropy` on logits: it is exact where this one clamps.
+
+    Args:
+      probs: probabilities in ``[0, 1]``, float array of any shape.
+      labels: targets in ``[0, 1]`` (float, or integer/bool), broadcastable to ``probs``.
+      sample_weights: weights broadcastable to ``probs``.
+      reduction: ``"none"``, ``"sum"``, ``"mean"`` (weighted mean) or ``"sum_and_weight"``.
+
+    Returns:
+      Per-element losses of ``probs``'s shape or a scalar; float32 for half precision, else
+      ``probs``'s dtype.
+
+    Examples:
+      Credit default: targets ``(1, 0)``, predicted default probabilities ``(0.7, 0.2)``
+      (scikit-learn's ``log_loss`` and PyTorch's ``BCELoss`` give the same):
+
+      >>> import jax.numpy as jnp
+      >>> import jaxce
+      >>> probs, labels = jnp.array([0.7, 0.2]), jnp.array([1.0, 0.0])
+      >>> jaxce.binary_cross_entropy(probs, labels)
+      Array([0.3567, 0.2231], dtype=float32)
+      >>> round(float(jaxce.binary_cross_entropy(probs, labels, reduction="mean")), 4)
+      0.2899
+      >>> jaxce.binary_cross_entropy(jnp.array([0.0, 1.0]), jnp.array([1.0, 1.0]))
+      Array([100.,   0.], dtype=float32)
+    """
+    probs = _checks.as_floating(probs, "probs")
+    p = _reduce.upcast(probs)
+    y = _binary_targets(labels, p.shape, p.dtype, "targets for `probs`")
+    loss = y * -_clamped_log(p) + (1 - y) * -_clamped_log(1 - p)
+    loss = jnp.where((p < 0) | (p > 1), jnp.full((), jnp.nan, p.dtype), loss)
+    info = _reduce.examples(p.shape, p.dtype, sample_weights=sample_weights)
+    return _reduce.finish(loss, info, reduction)
+
+
+def _log_one_minus_pt(x: Array, y: Array) -> Array:
+    r"""``log(1 - p_t) = log((1 - y) sigma(x) + y sigma(-x))``, in log space, NaN-free."""
+    neg_inf = jnp.full((), -jnp.inf, x.dtype)
+
+    def log_weight(w):
+        pos = w > 0
+        return jnp.where(pos, jnp.log(jnp.where(pos, w, jnp.ones((), w.dtype))), neg_inf)
+
+    a = log_weight(1 - y) - jax.nn.softplus(-x)  # log((1 - y) sigma(x))
+    b = log_weight(y) - jax.nn.softplus(x)  # log(y sigma(-x))
+    empty = (a == -jnp.inf) & (b == -jnp.inf)  # only at x = +-inf with a matching label
+    zero = jnp.zeros((), x.dtype)
+    out = jnp.logaddexp(jnp.where(empty, zero, a), jnp.where(empty, zero, b))
+    return jnp.where(empty, neg_inf, out)
+
+
+def sigmoid_focal_loss(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    alpha: float | ArrayLike | None = None,
+    gamma: float = 2.0,
+    sample_weights: ArrayLike | None = None,
+    reduction: str = "none",
+):
+    r"""Sigmoid focal loss (optax-compatible), elementwise.
+
+    .. math::
+      \ell = \alpha_t \, (1 - p_t)^\gamma \, \mathrm{BCE}(x, y), \qquad
+      1 - p_t = (1 - y)\,\sigma(x) + y\,\sigma(-x), \qquad
+      \alpha_t = \alpha y + (1 - \alpha)(1 - y)
+
+    with :math:`\mathrm{BCE}` as in :func:`sigmoid_binary_cross_entropy` and
+    :math:`\alpha_t = 1` when ``alpha`` is ``None``. For hard labels this is
+    :math:`-\alpha_t (1 - p_t)^\gamma \log p_t`; soft labels in ``[0, 1]`` use the same
+    formula (as optax). The focal factor is :math:`\exp(\gamma \log(1 - p_t))` with
+    :math:`\log(1 - p_t)` computed as a log-sum-exp of log-sigmoids, so it is accurate for
+    confident predictions and finite, with finite gradients, for logits of ``+-1e30`` and
+    ``+-inf`` (where :math:`1 - p_t = 0` the factor is 0, or 1 if :math:`\gamma = 0`).
+
+    Args:
+      logits: float array of any shape.
+      labels: targets in ``[0, 1]`` (float, or integer/bool), broadcastable to ``logits``.
+      alpha: balance :math:`\alpha \in [0, 1]` of positives against negatives (scalar or
+        broadcastable to ``logits``), or ``None``.
+      gamma: focusing parameter :math:`\gamma \ge 0`; ``gamma=0`` is (alpha-weighted) BCE.
+      sample_weights: weights broadcastable to ``logits``.
+      reduction: ``"none"``, ``"sum"``, ``"mean"`` (weighted mean) or ``"sum_and_weight"``.
+
+    Returns:
+      Per-element losses of ``logits``'s shape or a scalar; float32 for half precision.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jaxce
+      >>> logits = jnp.array([2.0, -1.0])  # p = sigmoid(2) = 0.8808, sigmoid(-1) = 0.2689
+      >>> jaxce.sigmoid_focal_loss(logits, jnp.array([1.0, 1.0]), gamma=2.0)
+      Array([0.0018, 0.7019], dtype=float32)
+
+    References:
+      Lin et al., *Focal Loss for Dense Object Detection*, 2017.
+    """
+    logits = _checks.as_floating(logits, "logits")
+    x = _reduce.upcast(logits)
+    y = _binary_targets(labels, x.shape, x.dtype, "targets for `logits`")
+    log_q = _log_one_minus_pt(x, y)
+    finite = log_q > -jnp.inf
+    gamma = jnp.asarray(gamma, x.dtype)
+    factor = jnp.exp(gamma * jnp.where(finite, log_q, jnp.zeros((), x.dtype)))
+    factor = jnp.where(finite, factor, jnp.where(gamma == 0, 1.0, 0.0).astype(x.dtype))
+    ce = _sigmoid_ce(x, y)
+    # Where the loss is infinite the factor is finite and flat (its derivative times the
+    # infinite ce is 0 * inf): hold it constant there so both modes stay NaN-free.
+    infinite = jnp.isinf(ce)
+    zero = jnp.zeros((), x.dtype)
+    loss = jnp.where(
+        infinite, jax.lax.stop_gradient(factor) * ce, factor * jnp.where(infinite, zero, ce)
+    )
+    if alpha is not None:
+        a = _checks.as_floating(alpha, "alpha")
+        a = _checks.broadcastable(a, "alpha", x.shape, "a balance per element of `logits`")
+        a = a.astype(x.dtype)
+        loss = (a * y + (1 - a) * (1 - y)) * loss
+    info = _reduce.examples(x.shape, x.dtype, sample_weights=sample_weights)
+    return _reduce.finish(loss, info, reduction)

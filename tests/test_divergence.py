@@ -1,0 +1,526 @@
+"""Tests of the information-theoretic family: entropies, KL divergences, distillation, JSD.
+
+Float64 NumPy references written from the formulas (row by row, masks by boolean indexing),
+optax and PyTorch parity, gradients to second order in both modes, zero targets and extreme
+logits, and Hypothesis properties (CE = H + KL, KL >= 0, JSD symmetric and <= log 2, ...).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from reference import check_grads_2, log_softmax, weighted_reduce, xlogy
+
+import jaxce
+
+N, C = 3, 4  # the binary tests' shape: eagerly compiled primitives are shared
+LOG2 = np.log(2.0)
+
+
+# ----------------------------------------------------------------------------- references
+def _softmax(x):
+    return np.exp(log_softmax(x))
+
+
+def ref_entropy(x):
+    """-sum p log p of softmax(x) for one row (already restricted to the kept classes)."""
+    lp = log_softmax(x)
+    return -np.sum(xlogy(np.exp(lp), lp))
+
+
+def ref_kl(log_q, p):
+    """sum p (log p - log q) for one row, 0 log 0 = 0."""
+    p, log_q = np.asarray(p, np.float64), np.asarray(log_q, np.float64)
+    with np.errstate(divide="ignore"):
+        return np.sum(xlogy(p, np.log(p)) - xlogy(p, log_q))
+
+
+def ref_kl_log(log_q, log_p):
+    return ref_kl(log_q, np.exp(np.asarray(log_p, np.float64)))
+
+
+def ref_softmax_kl(s, t, temperature=1.0):
+    return temperature**2 * ref_kl(log_softmax(s / temperature), _softmax(t / temperature))
+
+
+def ref_js(a, b, beta=0.5):
+    p, q = _softmax(a), _softmax(b)
+    m = beta * p + (1 - beta) * q
+    with np.errstate(divide="ignore"):
+        return beta * ref_kl(np.log(m), p) + (1 - beta) * ref_kl(np.log(m), q)
+
+
+def ref_binary_entropy(x):
+    x = np.asarray(x, np.float64)
+    p, q = 1 / (1 + np.exp(-x)), 1 / (1 + np.exp(x))
+    log_p, log_q = -np.logaddexp(0.0, -x), -np.logaddexp(0.0, x)  # log sigmoid(+-x)
+    return -(xlogy(p, log_p) + xlogy(q, log_q))
+
+
+def _targets(rng, shape):
+    p = rng.uniform(0.1, 1.0, size=shape)
+    return p / p.sum(-1, keepdims=True)
+
+
+# name -> (jaxce call f(a, b, **kw), row reference ref(a_row, b_row), second-input maker)
+CASES = {
+    "entropy": (lambda a, b, **kw: jaxce.entropy(a, **kw), lambda a, b: ref_entropy(a), None),
+    "kl": (jaxce.kl_divergence, ref_kl, "probs"),
+    "kl_log": (jaxce.kl_divergence_with_log_targets, ref_kl_log, "log_probs"),
+    "softmax_kl": (
+        lambda a, b, **kw: jaxce.softmax_kl_divergence(a, b, temperature=2.0, **kw),
+        lambda a, b: ref_softmax_kl(a, b, 2.0),
+        "logits",
+    ),
+    "js": (
+        lambda a, b, **kw: jaxce.js_divergence(a, b, beta=0.3, **kw),
+        lambda a, b: ref_js(a, b, 0.3),
+        "logits",
+    ),
+}
+NAMES = sorted(CASES)
+
+
+def _inputs(rng, name, shape=(N, C)):
+    kind = CASES[name][2]
+    a = rng.normal(size=shape) * 2
+    if kind in ("probs", "log_probs"):
+        a = log_softmax(a)  # log-predictions
+    b = {
+        None: rng.normal(size=shape),
+        "logits": rng.normal(size=shape) * 2,
+        "probs": _targets(rng, shape),
+        "log_probs": np.log(_targets(rng, shape)),
+    }[kind]
+    return a, b
+
+
+def _row_reference(name, a, b, class_mask=None, example_mask=None):
+    ref = CASES[name][1]
+    out = np.zeros(a.shape[0])
+    for i in range(a.shape[0]):
+        keep = np.ones(a.shape[1], bool) if class_mask is None else class_mask[i]
+        if (example_mask is not None and not example_mask[i]) or not keep.any():
+            continue
+        out[i] = ref(a[i][keep], b[i][keep])
+    return out
+
+
+def _close(got, want, rtol=1e-5, atol=1e-6):
+    if isinstance(want, tuple):
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(g), w, rtol=rtol, atol=atol)
+    else:
+        np.testing.assert_allclose(np.asarray(got), want, rtol=rtol, atol=atol)
+
+
+def _masks(rng):
+    class_mask = rng.uniform(size=(N, C)) > 0.3
+    class_mask[0] = False  # a row with every class masked counts as dropped
+    class_mask[1] = True
+    example_mask = np.array([True, False, True])
+    return class_mask, example_mask
+
+
+# ----------------------------------------------------------------------------- values
+@pytest.mark.parametrize("where", [None, "class", "example"])
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_reference_and_boolean_indexing(rng, name, where):
+    a, b = _inputs(rng, name)
+    class_mask, example_mask = _masks(rng)
+    kw, ref_kw = {}, {}
+    if where == "class":
+        kw["where"], ref_kw["class_mask"] = class_mask, class_mask
+    elif where == "example":
+        kw["where"], ref_kw["example_mask"] = example_mask, example_mask
+    got = CASES[name][0](a.astype(np.float32), b.astype(np.float32), **kw)
+    assert got.shape == (N,) and got.dtype == jnp.float32
+    _close(got, _row_reference(name, a, b, **ref_kw), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "sum_and_weight"])
+@pytest.mark.parametrize("name", NAMES)
+def test_weights_and_reductions(rng, name, reduction):
+    a, b = _inputs(rng, name)
+    sw = rng.uniform(size=N)
+    sw[2] = 0.0
+    got = CASES[name][0](
+        a.astype(np.float32), b.astype(np.float32), sample_weights=sw, reduction=reduction
+    )
+    want = weighted_reduce(_row_reference(name, a, b) * sw, sw, reduction)
+    _close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_binary_entropy_matches_reference(rng):
+    x = rng.normal(size=(N, C)) * 4
+    _close(jaxce.binary_entropy(x.astype(np.float32)), ref_binary_entropy(x), atol=1e-6)
+    sw = rng.uniform(size=(N, 1))
+    _close(
+        jaxce.binary_entropy(x.astype(np.float32), sample_weights=sw, reduction="mean"),
+        weighted_reduce(ref_binary_entropy(x) * sw, np.broadcast_to(sw, x.shape), "mean"),
+    )
+
+
+def test_binary_entropy_is_two_class_entropy(rng):
+    x = rng.normal(size=(N,)).astype(np.float32) * 3
+    two_class = np.stack([np.zeros_like(x), x], axis=-1)  # softmax([0, x]) = (1 - p, p)
+    _close(jaxce.binary_entropy(x), jaxce.entropy(two_class), atol=1e-6)
+
+
+def test_seed_identity_ce_is_entropy_plus_kl():
+    """SEED_EXAMPLES item 5 with p = (0.9, 0.1), q = (0.6, 0.4): CE = H + KL, and
+    PyTorch's KLDivLoss(reduction="none").sum(-1) plus Categorical(probs=p).entropy()."""
+    p, q = np.array([0.9, 0.1], np.float32), np.array([0.6, 0.4], np.float32)
+    h, kl = jaxce.entropy(np.log(p)), jaxce.kl_divergence(np.log(q), p)
+    ce = jaxce.softmax_cross_entropy(np.log(q), p)
+    _close(h + kl, ce, atol=1e-6)
+    want_h = torch.distributions.Categorical(probs=torch.tensor(p)).entropy().item()
+    want_kl = (
+        torch.nn.functional.kl_div(torch.log(torch.tensor(q)), torch.tensor(p), reduction="none")
+        .sum(-1)
+        .item()
+    )
+    _close(h, want_h, atol=1e-6)
+    _close(kl, want_kl, atol=1e-6)
+    _close(ce, -(0.9 * np.log(0.6) + 0.1 * np.log(0.4)), atol=1e-6)
+
+
+def test_js_bounds_and_limits():
+    disjoint = jaxce.js_divergence(np.array([0.0, -np.inf]), np.array([-np.inf, 0.0]))
+    _close(disjoint, LOG2, atol=1e-6)
+    x = np.array([1.0, 2.0, 3.0], np.float32)
+    y = np.array([3.0, 1.0, 0.0], np.float32)
+    for beta in (0.0, 1.0):  # M equals P or Q: one of the KL terms has weight 0
+        assert float(jaxce.js_divergence(x, y, beta=beta)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_softmax_kl_temperature_and_gradient_flow(rng):
+    s, t = rng.normal(size=(2, N, C)).astype(np.float32)
+    _close(
+        jaxce.softmax_kl_divergence(s, t, temperature=3.0),
+        [ref_softmax_kl(s[i].astype(np.float64), t[i].astype(np.float64), 3.0) for i in range(N)],
+        atol=1e-5,
+    )
+    g_t = jax.grad(lambda t: jnp.sum(jaxce.softmax_kl_divergence(s, t)))(t)
+    assert np.abs(g_t).max() > 1e-3  # flows into the teacher ...
+    g_frozen = jax.grad(
+        lambda t: jnp.sum(jaxce.softmax_kl_divergence(s, jax.lax.stop_gradient(t)))
+    )(t)
+    np.testing.assert_array_equal(g_frozen, np.zeros_like(t))  # ... unless stopped
+
+
+# ----------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("log_target", [False, True])
+def test_kl_matches_torch_and_optax(rng, log_target):
+    a, b = _inputs(rng, "kl_log" if log_target else "kl")
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    if log_target:
+        got = jaxce.kl_divergence_with_log_targets(a, b)
+        want_optax = optax.losses.kl_divergence_with_log_targets(a, b)
+    else:
+        got = jaxce.kl_divergence(a, b)
+        want_optax = optax.losses.kl_divergence(a, b)
+    want_torch = (
+        torch.nn.functional.kl_div(
+            torch.tensor(a), torch.tensor(b), reduction="none", log_target=log_target
+        )
+        .sum(-1)
+        .numpy()
+    )
+    _close(got, want_torch, atol=1e-6)
+    _close(got, want_optax, atol=1e-6)
+
+
+@pytest.mark.parametrize("log_target", [False, True])
+def test_kl_zero_targets(log_target):
+    """Zero targets (and -inf log-predictions there): finite loss equal to torch's on the
+    support, gradient w.r.t. predictions -p (finite), w.r.t. a zero target 0, never NaN.
+    optax and PyTorch give NaN for the same inputs."""
+    p = np.array([[0.5, 0.5, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]], np.float32)
+    with np.errstate(divide="ignore"):
+        log_q = np.log(np.array([[0.25, 0.25, 0.5, 0.0], [0.0, 0.5, 0.25, 0.25]], np.float32))
+        target = np.log(p) if log_target else p
+    fn = jaxce.kl_divergence_with_log_targets if log_target else jaxce.kl_divergence
+    loss = fn(log_q, target)
+    _close(loss, [LOG2, LOG2], atol=1e-6)
+    g_q, g_t = jax.grad(lambda q, t: jnp.sum(fn(q, t)), argnums=(0, 1))(log_q, target)
+    np.testing.assert_allclose(g_q, -p)
+    with np.errstate(divide="ignore"):
+        # d/dp p (log p - log q) = log p + 1 - log q on the support, 0 off it
+        want_t = np.where(p > 0, np.log(np.where(p > 0, p, 1)) + 1 - log_q, 0.0)
+        if log_target:  # d/d(log p) = p * (log p + 1 - log q)
+            want_t = np.where(p > 0, p * want_t, 0.0)
+    np.testing.assert_allclose(g_t, want_t, rtol=1e-6)
+    # forward mode and second order are NaN-free too
+    tangent = jax.jvp(
+        lambda q, t: fn(q, t),
+        (log_q, target),
+        (np.ones_like(log_q), np.where(p > 0, 1.0, 0.0).astype(np.float32)),
+    )[1]
+    assert np.isfinite(tangent).all()
+    hess = jax.hessian(lambda q: jnp.sum(fn(q, target)))(log_q)
+    assert np.isfinite(hess).all()
+
+
+def test_kl_targets_on_masked_or_infinite_predictions():
+    """p > 0 where q = 0 is +inf (the math); the gradient w.r.t. log q is still -p."""
+    p = np.array([0.5, 0.5], np.float32)
+    log_q = np.array([0.0, -np.inf], np.float32)
+    assert np.isposinf(jaxce.kl_divergence(log_q, p))
+    np.testing.assert_allclose(jax.grad(lambda q: jaxce.kl_divergence(q, p))(log_q), -p)
+    # a masked class drops out of the sum
+    _close(jaxce.kl_divergence(log_q, p, where=np.array([True, False])), 0.5 * np.log(0.5))
+
+
+# ----------------------------------------------------------------------------- gradients
+GRAD_CASES = {
+    "entropy_where": lambda a, b: jaxce.entropy(a, where=GRAD_MASK),
+    "binary_entropy": lambda a, b: jaxce.binary_entropy(a, sample_weights=b),
+    "kl": lambda a, b: jaxce.kl_divergence(a, b, where=GRAD_MASK),
+    "kl_log": lambda a, b: jaxce.kl_divergence_with_log_targets(a, b, reduction="mean"),
+    "softmax_kl": lambda a, b: jaxce.softmax_kl_divergence(a, b, temperature=2.0, where=GRAD_MASK),
+    "js": lambda a, b: jaxce.js_divergence(a, b, beta=0.3),
+}
+GRAD_MASK = np.array([[True, True, False, True]] * N)
+
+
+@pytest.mark.parametrize("name", sorted(GRAD_CASES))
+def test_grads(rng, name):
+    a = rng.normal(size=(N, C))
+    b = _targets(rng, (N, C))
+    if name == "kl_log":
+        a, b = log_softmax(a), np.log(b)
+    elif name == "kl":
+        a = log_softmax(a)
+    elif name in ("softmax_kl", "js"):
+        b = rng.normal(size=(N, C))
+    check_grads_2(GRAD_CASES[name], (a, b), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- extremes
+def _derivatives(f):
+    """Jitted value, reverse-mode gradient of ``sum(f)``, forward-mode derivative of ``f`` along
+    ones, and their derivatives along ones (fwd over rev, fwd over fwd), w.r.t. ``x``."""
+
+    def run(x, *params):
+        g = lambda x: jnp.sum(f(x, *params))
+        ones = jnp.ones_like(x)
+        rev = jax.grad(g)
+        fwd = lambda x: jax.jvp(lambda x: f(x, *params), (x,), (ones,))[1]
+        return (
+            f(x, *params),
+            rev(x),
+            fwd(x),
+            jax.jvp(rev, (x,), (ones,))[1],
+            jax.jvp(fwd, (x,), (ones,))[1],
+        )
+
+    return jax.jit(run)
+
+
+EXTREME_ROWS = np.array(
+    [
+        [0.0, -np.inf, 1.0, -np.inf, 2.0],
+        [1e30, -1e30, 0.0, 3.0, -np.inf],
+        [-1e30, -1e30, -1e30, -1e30, -1e30],
+        [3e38, 3e38, -3e38, 0.0, 1.0],
+    ],
+    np.float32,
+)
+EXTREME_FNS = {
+    "entropy": _derivatives(lambda x, y: jaxce.entropy(x)),
+    "softmax_kl": _derivatives(lambda x, y: jaxce.softmax_kl_divergence(x, y)),
+    "softmax_kl_teacher": _derivatives(lambda y, x: jaxce.softmax_kl_divergence(x, y)),
+    "js": _derivatives(lambda x, y: jaxce.js_divergence(x, y)),
+}
+
+
+def _ref_rows(name, x, y):
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    if name == "entropy":
+        return [ref_entropy(r) for r in x]
+    if name == "softmax_kl":
+        return [ref_softmax_kl(r, s) for r, s in zip(x, y, strict=True)]
+    if name == "softmax_kl_teacher":
+        return [ref_softmax_kl(s, r) for r, s in zip(x, y, strict=True)]
+    return [ref_js(r, s) for r, s in zip(x, y, strict=True)]
+
+
+@pytest.mark.parametrize("name", sorted(EXTREME_FNS))
+def test_extreme_logits(name):
+    """-inf, +-1e30 and +-3e38 logits: values match the float64 reference, gradients and
+    Hessian-vector products are finite in both modes."""
+    x = EXTREME_ROWS
+    # the other argument: -inf exactly where x is (finite divergences), else x's rows reversed
+    y = np.where(np.isfinite(x[::-1]), x[::-1], 0.5)
+    y = np.where(np.isfinite(x), y, -np.inf).astype(np.float32)
+    out = [np.asarray(v) for v in EXTREME_FNS[name](x, y)]
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = np.asarray(_ref_rows(name, x, y))
+    # an exact value beyond float32's range is +inf in float32; any other must not overflow
+    want = np.where(want > np.finfo(np.float32).max, np.inf, want)
+    _close(out[0], want, rtol=1e-5, atol=1e-6)
+    # gradients are finite wherever the loss is; a row whose exact loss overflows float32
+    # (the teacher case, 3.5e38) has an overflowing gradient too
+    finite = np.isfinite(out[0])
+    assert finite.sum() >= 3
+    for v in out[1:]:
+        assert np.isfinite(v[finite]).all(), (name, v)
+    np.testing.assert_allclose(out[1][finite].sum(), out[2][finite].sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_binary_entropy_extremes():
+    x = np.array([-np.inf, -1e30, -30.0, 0.0, 30.0, 1e30, np.inf], np.float32)
+    value, g_rev, g_fwd, h_rev, h_fwd = (
+        np.asarray(v) for v in _derivatives(lambda x: jaxce.binary_entropy(x))(x)
+    )
+    want = ref_binary_entropy(np.clip(x.astype(np.float64), -700, 700))
+    np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-30)
+    for v in (g_rev, h_rev):
+        assert np.isfinite(v).all()
+        assert v[0] == 0 and v[1] == 0 and v[-1] == 0 and v[-2] == 0
+    # dH/dx = -x sigmoid(x) sigmoid(-x): 0 at 0, antisymmetric
+    assert g_rev[3] == 0 and g_rev[2] == pytest.approx(-g_rev[4], rel=1e-5)
+    np.testing.assert_allclose(g_fwd, g_rev, rtol=1e-6)  # elementwise: jvp along ones
+    np.testing.assert_allclose(h_fwd, h_rev, rtol=1e-5, atol=1e-30)
+
+
+# ----------------------------------------------------------------------------- transforms
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_vmap_and_moved_axis(rng, name):
+    f = CASES[name][0]
+    a, b = _inputs(rng, name, shape=(2, 3, C))
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    eager = np.asarray(f(a, b))
+    moved = lambda a, b: f(np.moveaxis(a, -1, 1), np.moveaxis(b, -1, 1), axis=1)
+    _close(moved(a, b), eager)
+    outs = jax.jit(
+        lambda a, b: (
+            f(a, b),
+            jax.vmap(f)(a, b),
+            jax.vmap(f, in_axes=1, out_axes=1)(a, b),
+            jax.checkpoint(f)(a, b),
+        )
+    )(a, b)
+    for got in outs:
+        _close(got, eager)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("name", NAMES + ["binary_entropy"])
+def test_half_precision(rng, name, dtype):
+    if name == "binary_entropy":
+        f, (a, b) = (lambda a, b: jaxce.binary_entropy(a)), _inputs(rng, "entropy")
+    else:
+        f, (a, b) = CASES[name][0], _inputs(rng, name)
+    ah, bh = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    got = f(ah, bh)
+    assert got.dtype == jnp.float32
+    _close(got, f(np.asarray(ah, np.float32), np.asarray(bh, np.float32)), rtol=1e-5, atol=1e-5)
+    assert jax.grad(lambda a: jnp.sum(f(a, bh)))(ah).dtype == dtype
+
+
+def test_float64_stays_float64(rng):
+    a, b = _inputs(rng, "js")
+    with jax.enable_x64(True):
+        assert jaxce.js_divergence(a, b).dtype == jnp.float64
+        assert jaxce.entropy(a).dtype == jnp.float64
+
+
+# ----------------------------------------------------------------------------- bad input
+BAD = [
+    (jaxce.kl_divergence, "log_predictions", "targets"),
+    (jaxce.kl_divergence_with_log_targets, "log_predictions", "log_targets"),
+    (jaxce.softmax_kl_divergence, "logits", "target_logits"),
+    (jaxce.js_divergence, "logits_p", "logits_q"),
+]
+
+
+@pytest.mark.parametrize("fn, first, second", BAD)
+def test_bad_input(fn, first, second):
+    x = np.zeros((N, C), np.float32)
+    with pytest.raises(TypeError, match=first):
+        fn(x.astype(np.int32), x)
+    with pytest.raises(TypeError, match=second):
+        fn(x, x.astype(np.int32))
+    with pytest.raises(ValueError, match=rf"`{second}` has shape \(3,\)"):
+        fn(x, np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="where"):
+        fn(x, x, where=np.ones((N, 3), bool))
+    with pytest.raises(ValueError, match="axis"):
+        fn(x, x, axis=2)
+    with pytest.raises(ValueError, match="sample_weights"):
+        fn(x, x, sample_weights=np.ones(5, np.float32))
+    with pytest.raises(ValueError, match="reduction"):
+        fn(x, x, reduction="batchmean")
+
+
+def test_bad_input_entropies():
+    with pytest.raises(TypeError, match="logits"):
+        jaxce.entropy(np.zeros((2, 3), np.int32))
+    with pytest.raises(TypeError, match="logits"):
+        jaxce.binary_entropy(np.zeros(3, np.int32))
+    with pytest.raises(TypeError, match="where"):
+        jaxce.entropy(np.zeros((2, 3), np.float32), where=np.ones((2, 3)))
+    with pytest.raises(ValueError, match="sample_weights"):
+        jaxce.binary_entropy(np.zeros(3, np.float32), sample_weights=np.ones(2))
+
+
+# ----------------------------------------------------------------------------- properties
+_rows = hnp.arrays(np.float32, (N, C), elements=st.floats(-20, 20, width=32))
+_ce_parts = jax.jit(
+    lambda a, b: (
+        jaxce.softmax_cross_entropy(b, jax.nn.softmax(a)),
+        jaxce.entropy(a),
+        jaxce.kl_divergence(jax.nn.log_softmax(b), jax.nn.softmax(a)),
+        jaxce.softmax_kl_divergence(b, a),
+    )
+)
+_js_pair = jax.jit(lambda a, b: (jaxce.js_divergence(a, b), jaxce.js_divergence(b, a)))
+_entropies = jax.jit(lambda a: (jaxce.entropy(a), jaxce.entropy(jnp.zeros_like(a))))
+
+
+@settings(max_examples=30, deadline=None)
+@given(_rows, _rows)
+def test_property_ce_is_entropy_plus_kl(a, b):
+    ce, h, kl, softmax_kl = (np.asarray(v, np.float64) for v in _ce_parts(a, b))
+    np.testing.assert_allclose(ce, h + kl, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(kl, softmax_kl, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(_rows, _rows)
+def test_property_kl_nonnegative_zero_iff_equal(a, b):
+    _, _, kl, softmax_kl = (np.asarray(v) for v in _ce_parts(a, b))
+    assert (kl >= -1e-5).all() and (softmax_kl >= -1e-5).all()
+    _, _, kl_self, softmax_kl_self = (np.asarray(v) for v in _ce_parts(a, a))
+    np.testing.assert_allclose(kl_self, 0.0, atol=1e-5)
+    np.testing.assert_allclose(softmax_kl_self, 0.0, atol=1e-6)
+    differ = np.abs(_softmax(a.astype(np.float64)) - _softmax(b.astype(np.float64))).sum(-1)
+    assert (softmax_kl[differ > 1e-2] > 0).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(_rows, _rows)
+def test_property_js_symmetric_and_bounded(a, b):
+    pq, qp = (np.asarray(v) for v in _js_pair(a, b))
+    np.testing.assert_allclose(pq, qp, rtol=1e-5, atol=1e-6)
+    assert (pq >= -1e-6).all() and (pq <= LOG2 + 1e-6).all()
+    np.testing.assert_allclose(
+        pq,
+        [ref_js(r.astype(np.float64), s.astype(np.float64)) for r, s in zip(a, b, strict=True)],
+        atol=1e-5,
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(_rows)
+def test_property_entropy_maximal_at_uniform(a):
+    h, h_uniform = (np.asarray(v) for v in _entropies(a))
+    np.testing.assert_allclose(h_uniform, np.log(C), rtol=1e-6)
+    assert (h >= -1e-6).all() and (h <= h_uniform + 1e-5).all()
