@@ -17,6 +17,7 @@ from jaxce._divergence import (
     kl_divergence_with_log_targets as kl_divergence_with_log_targets,
 )
 from jaxce._divergence import softmax_kl_divergence as softmax_kl_divergence
+from jaxce._linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from jaxce._reduce import weighted_mean as weighted_mean
 from jaxce._softmax import nll_loss as nll_loss
 from jaxce._softmax import poly_loss_cross_entropy as poly_loss_cross_entropy
@@ -36,6 +37,7 @@ __all__ = [
     "js_divergence",
     "kl_divergence",
     "kl_divergence_with_log_targets",
+    "linear_softmax_cross_entropy",
     "nll_loss",
     "poly_loss_cross_entropy",
     "sigmoid_binary_cross_entropy",

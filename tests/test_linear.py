@@ -1,0 +1,339 @@
+"""Tests for the fused large-vocabulary loss ``linear_softmax_cross_entropy``.
+
+References: the materialised ``softmax_cross_entropy_with_integer_labels(cap(h @ W + b))``
+(float32 and bfloat16) and, once, a float64 NumPy value-and-gradient reference written from
+the docstring's formula.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import checkify
+
+import jaxce
+from jaxce import linear_softmax_cross_entropy as fused
+
+# Odd shapes: 128 does not divide V, so the last tile is shifted; N, D are not powers of two.
+N, D, V = 252, 123, 507
+
+
+def make(rng, n=N, d=D, v=V, ignore_frac=0.0, scale=0.5):
+    h = rng.normal(size=(n, d)).astype(np.float32)
+    w = (rng.normal(size=(d, v)) * scale / np.sqrt(d)).astype(np.float32) * 4
+    b = rng.normal(size=(v,)).astype(np.float32)
+    y = rng.integers(0, v, size=n).astype(np.int32)
+    y[rng.uniform(size=n) < ignore_frac] = -100
+    sw = rng.uniform(0.2, 2.0, size=n).astype(np.float32)
+    return h, w, b, y, sw
+
+
+def materialised(h, w, y, *, bias=None, logit_softcap=None, **kw):
+    z = jnp.dot(h, w, preferred_element_type=jnp.float32 if h.dtype == jnp.float32 else h.dtype)
+    if bias is not None:
+        z = z + bias.reshape((1,) * (z.ndim - 1) + (-1,))
+    if logit_softcap is not None:
+        z = logit_softcap * jnp.tanh(z / logit_softcap)
+    return jaxce.softmax_cross_entropy_with_integer_labels(z, y, **kw)
+
+
+def value_and_grads(loss, h, w, b, y, **kw):
+    """Value and grads (hidden, weight, bias) of sum(loss(...)) with a fixed random cotangent."""
+    def scalar(h, w, b):
+        out = loss(h, w, y, bias=b, **kw)
+        if out.ndim:
+            out = out * jnp.linspace(0.5, 1.5, out.size, dtype=out.dtype).reshape(out.shape)
+        return jnp.sum(out), out
+    (_, out), grads = jax.jit(jax.value_and_grad(scalar, argnums=(0, 1, 2), has_aux=True))(
+        h, w, b)
+    return out, grads
+
+
+def assert_close(a, b, rtol=2e-5, atol=2e-5, what=""):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(1.0, float(np.max(np.abs(b)))) if b.size else 1.0
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * scale, err_msg=what)
+
+
+CASES = [
+    # label_smoothing, z_loss, softcap, ignore_frac, weights, bias, reduction, chunk
+    (0.0, 0.0, None, 0.0, False, False, "none", 128),
+    (0.1, 0.0, None, 0.2, False, True, "mean", 128),
+    (0.0, 1e-3, None, 0.2, True, False, "sum", 128),
+    (0.2, 1e-2, 5.0, 0.2, True, True, "mean", 128),
+    (0.0, 0.0, 3.0, 0.0, False, True, "none", 1024),  # V smaller than the chunk
+    (0.1, 1e-3, None, 1.0, True, True, "mean", 128),  # every token ignored
+    (0.0, 0.0, None, 0.2, True, False, "sum_and_weight", None),  # automatic chunk
+]
+
+
+@pytest.mark.parametrize("eps,zl,cap,ignore_frac,weighted,with_bias,reduction,chunk", CASES)
+def test_matches_materialised_float32(rng, eps, zl, cap, ignore_frac, weighted, with_bias,
+                                      reduction, chunk):
+    h, w, b, y, sw = make(rng, ignore_frac=ignore_frac)
+    kw = {"label_smoothing": eps, "z_loss": zl, "logit_softcap": cap, "ignore_index": -100,
+              "sample_weights": sw if weighted else None}
+    bias = b if with_bias else np.zeros_like(b)
+    if reduction == "sum_and_weight":
+        got = fused(h, w, y, bias=bias, reduction=reduction, chunk_size=chunk, **kw)
+        want = materialised(h, w, y, bias=bias, reduction=reduction, **kw)
+        assert_close(got[0], want[0], what="sum")
+        assert_close(got[1], want[1], what="weight")
+        return
+    out, grads = value_and_grads(fused, h, w, bias, y, reduction=reduction, chunk_size=chunk, **kw)
+    ref, ref_grads = value_and_grads(materialised, h, w, bias, y, reduction=reduction, **kw)
+    assert out.dtype == jnp.float32 and out.shape == ref.shape
+    assert_close(out, ref, what="value")
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert g.dtype == jnp.float32
+        assert_close(g, r, what=name)
+    if ignore_frac == 1.0:
+        assert float(out) == 0.0 and all(not np.any(np.asarray(g)) for g in grads)
+
+
+@pytest.mark.parametrize("eps,zl,cap,reduction", [(0.0, 0.0, None, "none"),
+                                                  (0.1, 1e-3, 5.0, "mean")])
+def test_bfloat16_no_worse_than_materialised_bfloat16(rng, eps, zl, cap, reduction):
+    h, w, b, y, sw = make(rng, ignore_frac=0.2)
+    hb, wb, bb = (jnp.asarray(a, jnp.bfloat16) for a in (h, w, b))
+    h32, w32, b32 = (a.astype(jnp.float32) for a in (hb, wb, bb))
+    kw = {"label_smoothing": eps, "z_loss": zl, "logit_softcap": cap, "ignore_index": -100,
+              "sample_weights": sw, "reduction": reduction}
+    out, grads = value_and_grads(fused, hb, wb, bb, y, chunk_size=128, **kw)
+    ref32, grads32 = value_and_grads(materialised, h32, w32, b32, y, **kw)
+    ref16, grads16 = value_and_grads(materialised, hb, wb, bb, y, **kw)
+    assert out.dtype == jnp.float32
+    assert [g.dtype for g in grads] == [jnp.bfloat16] * 3
+
+    def err(a, b):
+        return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+
+    for name, a, r32, r16 in zip(("value", "hidden", "weight", "bias"), (out, *grads),
+                                 (ref32, *grads32), (ref16, *grads16)):
+        tol = 1e-3 * max(1.0, float(jnp.max(jnp.abs(r32))))
+        assert err(a, r32) <= err(r16, r32) + tol, name
+
+
+def test_float64_against_numpy_formula(rng):
+    n, d, v, eps, zl, cap = 37, 19, 61, 0.15, 0.02, 2.5
+    h, w, b, y, sw = make(rng, n, d, v, ignore_frac=0.2)
+    h, w, b, sw = (a.astype(np.float64) for a in (h, w, b, sw))
+    keep = y != -100
+    ys = np.where(keep, y, 0)
+    # Reference from the formula: z = s tanh((hW + b)/s), L = logsumexp(z),
+    # l = (1-eps)(L - z_y) + eps (L - mean z) + zl L^2, times sample weight, mean over kept.
+    u = h @ w + b[None, :]
+    z = cap * np.tanh(u / cap)
+    m = z.max(axis=1, keepdims=True)
+    lse = (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+    zy = z[np.arange(n), ys]
+    loss = (1 - eps) * (lse - zy) + eps * (lse - z.mean(axis=1)) + zl * lse**2
+    wt = sw * keep
+    value = np.sum(loss * wt) / np.sum(wt)
+    p = np.exp(z - lse[:, None])
+    onehot = np.eye(v)[ys]
+    dz = (1 + 2 * zl * lse)[:, None] * p - (1 - eps) * onehot - eps / v
+    du = dz * (1 - (z / cap) ** 2) * (wt / np.sum(wt))[:, None]
+    want = (value, du @ w.T, h.T @ du, du.sum(axis=0))
+    with jax.enable_x64(True):
+        def f(h, w, b):
+            return fused(h, w, jnp.asarray(y), bias=b, ignore_index=-100, label_smoothing=eps,
+                         z_loss=zl, logit_softcap=cap, sample_weights=jnp.asarray(sw),
+                         reduction="mean", chunk_size=16)
+        val, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(*map(jnp.asarray, (h, w, b)))
+        assert val.dtype == jnp.float64
+        for got, ref in zip((val, *grads), want):
+            np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_leading_axes_tied_embedding_and_transforms(rng):
+    bsz, t, d, v = 3, 20, 16, 300
+    emb = jnp.asarray(rng.normal(size=(v, d)) / 4, jnp.float32)
+    h = jnp.asarray(rng.normal(size=(bsz, t, d)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, v, size=(bsz, t)), jnp.int32)
+
+    def tied(loss, **kw):
+        return lambda emb, h: loss(h, emb.T, y, reduction="mean", **kw)
+
+    ref, ref_g = jax.value_and_grad(tied(materialised), argnums=(0, 1))(emb, h)
+    for f in (tied(fused, chunk_size=128), jax.checkpoint(tied(fused, chunk_size=128))):
+        val, g = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(emb, h)
+        assert_close(val, ref)
+        assert g[0].shape == emb.shape and g[1].shape == h.shape
+        assert_close(g[0], ref_g[0], what="embedding")
+        assert_close(g[1], ref_g[1], what="hidden")
+    # (B, T, D) hidden gives (B, T) losses equal to flattening the tokens.
+    per_token = jax.jit(fused)(h, emb.T, y)
+    assert per_token.shape == (bsz, t)
+    assert_close(per_token.reshape(-1), jax.jit(fused)(h.reshape(-1, d), emb.T, y.reshape(-1)))
+
+    # vmap over an extra batch axis, with gradients through it.
+    def batched(loss, w, **kw):
+        per = jax.vmap(lambda hb, yb: loss(hb, w, yb, reduction="mean", **kw))(h, y)
+        return jnp.sum(per * jnp.arange(1.0, bsz + 1.0)), per
+    (_, per), gw = jax.jit(jax.value_and_grad(
+        lambda w: batched(fused, w, chunk_size=128), has_aux=True))(emb.T)
+    (_, ref_per), ref_gw = jax.value_and_grad(lambda w: batched(materialised, w),
+                                              has_aux=True)(emb.T)
+    assert_close(per, ref_per)
+    assert_close(gw, ref_gw)
+
+
+def test_padded_vocabulary(rng):
+    h, w, b, y, _ = make(rng, n=40, d=12, v=100)
+    wp = np.concatenate([w, rng.normal(size=(12, 28)).astype(np.float32)], axis=1)
+    bp = np.concatenate([b, np.full(28, 50.0, np.float32)])
+    kw = {"label_smoothing": 0.1, "z_loss": 1e-3, "reduction": "mean"}
+    out, grads = value_and_grads(fused, h, wp, bp, y, vocab_size=100, chunk_size=32, **kw)
+    ref, ref_grads = value_and_grads(materialised, h, w, b, y, **kw)
+    assert_close(out, ref)
+    assert_close(grads[0], ref_grads[0])
+    assert_close(grads[1][:, :100], ref_grads[1])
+    assert_close(grads[2][:100], ref_grads[2])
+    assert not np.any(np.asarray(grads[1][:, 100:])) and not np.any(np.asarray(grads[2][100:]))
+    # A label in the padding is out of range.
+    assert np.isnan(fused(h[:1], wp, np.array([110], np.int32), vocab_size=100)[0])
+
+
+def test_bad_labels_nan_and_checkify(rng):
+    h, w, _, y, _ = make(rng, n=6, d=8, v=50)
+    y[2], y[4] = 50, -3
+    out = np.asarray(jax.jit(fused)(h, w, y))
+    assert np.isnan(out[2]) and np.isnan(out[4]) and np.all(np.isfinite(out[[0, 1, 3, 5]]))
+    grads = jax.grad(lambda h: jnp.sum(jnp.nan_to_num(fused(h, w, y))))(h)
+    assert np.all(np.isfinite(np.asarray(grads)))
+    checked = checkify.checkify(jax.jit(fused), errors=checkify.user_checks)
+    err, _ = checked(h, w, y)
+    with pytest.raises(checkify.JaxRuntimeError, match="invalid integer label 50"):
+        err.throw()
+
+
+def test_bad_shapes_raise(rng):
+    h, w, b, y, _ = make(rng, n=6, d=8, v=50)
+    with pytest.raises(ValueError, match=r"`hidden` has shape \(6, 8\).*\(9, 50\)"):
+        fused(h, np.zeros((9, 50), np.float32), y)
+    with pytest.raises(ValueError, match="`weight`"):
+        fused(h, np.zeros(50, np.float32), y)
+    with pytest.raises(ValueError, match="`labels` has shape"):
+        fused(h, w, y[:5])
+    with pytest.raises(TypeError, match="`labels` must have an integer dtype"):
+        fused(h, w, y.astype(np.float32))
+    with pytest.raises(ValueError, match="`bias` has shape"):
+        fused(h, w, y, bias=b[:49])
+    with pytest.raises(ValueError, match="`reduction`"):
+        fused(h, w, y, reduction="avg")
+    with pytest.raises(ValueError, match="`chunk_size`"):
+        fused(h, w, y, chunk_size=0)
+    with pytest.raises(ValueError, match="`vocab_size`"):
+        fused(h, w, y, vocab_size=51)
+
+
+def test_forward_mode_is_refused(rng):
+    h, w, _, y, _ = make(rng, n=6, d=8, v=50)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda h: fused(h, w, y), (h,), (h,))
+
+
+def test_memory_is_o_chunk():
+    n, d, v = 4096, 256, 32768
+    args = (jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
+            jax.ShapeDtypeStruct((n,), jnp.int32))
+    f = jax.jit(jax.value_and_grad(
+        lambda h, w, y: fused(h, w, y, label_smoothing=0.1, reduction="mean"), argnums=(0, 1)))
+    compiled = f.lower(*args).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp <= n * v * 4 / 8, temp
+    sizes = [int(np.prod([int(s) for s in dims.split(",")]))
+             for dims in re.findall(r"\b(?:f32|bf16|f16|s32|pred)\[([\d,]+)\]", compiled.as_text())]
+    assert sizes and max(sizes) < n * v, max(sizes)
+    # The check can fail: the materialised loss holds the logits.
+    naive = jax.jit(jax.value_and_grad(
+        lambda h, w, y: materialised(h, w, y, reduction="mean"), argnums=(0, 1)))
+    assert naive.lower(*args).compile().memory_analysis().temp_size_in_bytes > n * v * 4
+
+
+_SHARDED = textwrap.dedent("""
+    import functools, os
+    import jax, jax.numpy as jnp, numpy as np
+    import jaxce
+    assert len(jax.devices()) == 8, jax.devices()
+    P = jax.sharding.PartitionSpec
+    r = np.random.default_rng(0)
+    n, d, v = 48, 24, 203          # 203 is not divisible by 2, 4 or 8: pad the weight
+    h = r.normal(size=(n, d)).astype(np.float32)
+    w = (r.normal(size=(d, v)) / 3).astype(np.float32)
+    b = r.normal(size=v).astype(np.float32)
+    y = r.integers(0, v, size=n).astype(np.int32); y[::7] = -100
+    sw = r.uniform(0.5, 1.5, size=n).astype(np.float32)
+    kw = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, logit_softcap=4.0)
+
+    def unsharded(h, w, b):
+        t, c = jaxce.linear_softmax_cross_entropy(h, w, y, bias=b, sample_weights=sw,
+                                                   reduction="sum_and_weight", **kw)
+        return jaxce.weighted_mean(t, c)
+
+    def materialised(h, w, b):
+        z = 4.0 * jnp.tanh((h @ w + b[None, :]) / 4.0)
+        kw2 = {k: x for k, x in kw.items() if k != "logit_softcap"}
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            z, y, sample_weights=sw, reduction="mean", **kw2)
+
+    want = jax.value_and_grad(unsharded, argnums=(0, 1, 2))(h, w, b)
+    ref = jax.value_and_grad(materialised, argnums=(0, 1, 2))(h, w, b)
+    for a, c in zip(jax.tree.leaves(want), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+    for shards in (1, 2, 4, 8):
+        mesh = jax.make_mesh((8 // shards, shards), ("data", "model"))
+        vp = -(-v // shards) * shards
+        wp = np.pad(w, ((0, 0), (0, vp - v)))
+        bp = np.pad(b, (0, vp - v))
+
+        @functools.partial(jax.shard_map, mesh=mesh, out_specs=P(),
+                           in_specs=(P("data", None), P(None, "model"), P("model"),
+                                     P("data"), P("data")))
+        def sharded(h, w, b, y, sw):
+            t, c = jaxce.linear_softmax_cross_entropy(
+                h, w, y, bias=b, sample_weights=sw, reduction="sum_and_weight",
+                axis_name="model", vocab_size=v, chunk_size=8, **kw)
+            return jaxce.weighted_mean(jax.lax.psum(t, "data"), jax.lax.psum(c, "data"))
+
+        def put(x, *spec):
+            return jax.device_put(x, jax.NamedSharding(mesh, P(*spec)))
+
+        hs, ws, bs = put(h, "data", None), put(wp, None, "model"), put(bp, "model")
+        ys, sws = put(y, "data"), put(sw, "data")
+        got = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2)))(hs, ws, bs, ys, sws)
+        val, gh, gw, gb = map(np.asarray, jax.tree.leaves(got))
+        np.testing.assert_allclose(val, want[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(gh, want[1][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(gw[:, :v], want[1][1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(gb[:v], want[1][2], rtol=1e-5, atol=1e-6)
+        assert not np.any(np.asarray(gw[:, v:])) and not np.any(np.asarray(gb[v:]))
+
+        per_token = jax.jit(functools.partial(
+            jax.shard_map, mesh=mesh, out_specs=P("data"),
+            in_specs=(P("data", None), P(None, "model"), P("data")))(
+            lambda h, w, y: jaxce.linear_softmax_cross_entropy(
+                h, w, y, axis_name="model", vocab_size=v, **kw)))(hs, ws, ys)
+        np.testing.assert_allclose(
+            np.asarray(per_token), jaxce.linear_softmax_cross_entropy(h, w, y, **kw),
+            rtol=1e-5, atol=1e-6)
+        print("ok", shards)
+""")
+
+
+def test_vocab_parallel_shard_map_matches_unsharded():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.split() == ["ok", "1", "ok", "2", "ok", "4", "ok", "8"]
