@@ -6,6 +6,7 @@ fused ``linear_softmax_cross_entropy``, which supports reverse mode only. Losses
 value per example by default (``reduction="none"``); see ``README.md`` for the conventions.
 """
 
+from jaxce import pytorch as pytorch  # PyTorch semantics, a submodule: jaxce.pytorch
 from jaxce._binary import binary_cross_entropy as binary_cross_entropy
 from jaxce._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from jaxce._binary import sigmoid_focal_loss as sigmoid_focal_loss
@@ -40,6 +41,7 @@ __all__ = [
     "linear_softmax_cross_entropy",
     "nll_loss",
     "poly_loss_cross_entropy",
+    "pytorch",
     "sigmoid_binary_cross_entropy",
     "sigmoid_focal_loss",
     "smooth_labels",

@@ -1,0 +1,515 @@
+r"""PyTorch loss semantics in JAX: drop-in counterparts of ``torch.nn.functional`` losses.
+
+Each function has the name, argument names, defaults, layouts and results of its
+``torch.nn.functional`` namesake (to float32 tolerance), so porting a PyTorch loss is an
+import change::
+
+    # loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+    loss = jaxce.pytorch.cross_entropy(logits, labels, ignore_index=-100)
+
+They are thin layers over the core losses (class axis ``1``, PyTorch's argument names and
+PyTorch's reductions). What differs from the core, on purpose, because PyTorch does it:
+
+* ``reduction="mean"`` is the default, not ``"none"``;
+* a weighted mean over no weight (every target ignored, or all-zero class weights) is ``NaN``
+  rather than ``0``;
+* for the binary losses ``"mean"`` is ``mean(weight * loss)`` over all elements, not
+  the weighted mean ``sum(weight * loss) / sum(weight)``;
+* ``kl_div`` is elementwise (no sum over a class axis) and offers ``"batchmean"``.
+
+Bad *values* PyTorch rejects (a class index out of range, probabilities outside ``[0, 1]``)
+raise here too when the arrays are concrete (eager calls). Under ``jax.jit`` values are not
+known while tracing; the core's behaviour applies instead: an out-of-range class index gives a
+``NaN`` loss for its example.
+
+Half-precision inputs are computed in float32 and the loss comes back in float32 (PyTorch
+returns the input's dtype); values agree to the tolerance of the input's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxce import _binary
+from jaxce import _checks
+from jaxce import _divergence
+from jaxce import _softmax
+
+Array = jax.Array
+ArrayLike = jax.typing.ArrayLike
+
+__all__ = [
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "kl_div",
+    "nll_loss",
+]
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks (PyTorch names in the messages)
+
+
+def _is_concrete(*xs) -> bool:
+    """True when no argument is a tracer: values are known and may be validated eagerly."""
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _reduction(reduction: str, allowed=_REDUCTIONS) -> str:
+    if reduction not in allowed:
+        raise ValueError(f"`reduction` must be one of {allowed}, got {reduction!r}.")
+    return reduction
+
+
+def _class_layout(input: Array) -> tuple[int, tuple[int, ...]]:
+    """``(class_axis, target_shape)`` for PyTorch's ``(C)``, ``(N, C)``, ``(N, C, d1..dK)``."""
+    if input.ndim == 0:
+        raise ValueError(
+            "`input` must have shape (C), (N, C) or (N, C, d1, ..., dK); got a scalar."
+        )
+    if input.ndim == 1:
+        return 0, ()
+    return 1, input.shape[:1] + input.shape[2:]
+
+
+def _class_indices(target: Array, input: Array, num_classes: int, ignore_index: int) -> Array:
+    """Validates class-index targets: shape always, values when concrete (PyTorch raises)."""
+    _, shape = _class_layout(input)
+    if target.shape != shape:
+        raise ValueError(
+            f"`target` of class indices has shape {target.shape} but `input` {input.shape} "
+            f"needs shape {shape} (`input` without its class axis)."
+        )
+    if jnp.issubdtype(target.dtype, jnp.unsignedinteger):
+        target = target.astype(jnp.int32)  # so that a negative `ignore_index` compares exactly
+    if _is_concrete(target):
+        values = np.asarray(target)
+        bad = (values != ignore_index) & ((values < 0) | (values >= num_classes))
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise IndexError(
+                f"`target` holds class index {int(values[where])} at position {where}, outside "
+                f"[0, {num_classes}) and not `ignore_index` ({ignore_index})."
+            )
+    return target
+
+
+def _class_weight(weight, num_classes: int) -> Array | None:
+    if weight is None:
+        return None
+    weight = _checks.as_floating(weight, "weight")
+    _checks.same_shape(weight, "weight", (num_classes,), "one weight per class")
+    return weight
+
+
+def _label_smoothing(label_smoothing) -> None:
+    if _is_concrete(label_smoothing) and not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"`label_smoothing` must lie in [0, 1], got {float(label_smoothing)}.")
+
+
+def _mean(total: Array, denominator: Array) -> Array:
+    """PyTorch's mean: ``total / denominator``, ``NaN`` (with zero gradient) when it is 0."""
+    nonzero = denominator != 0
+    safe = jnp.where(nonzero, denominator, jnp.ones((), denominator.dtype))
+    return jnp.where(nonzero, total / safe, jnp.full((), jnp.nan, total.dtype))
+
+
+def _elementwise_mean(total: Array, size: int) -> Array:
+    """PyTorch's mean over elements: ``total / size`` (``NaN`` for an empty input)."""
+    return total / jnp.asarray(size, total.dtype)
+
+
+def _reduce_parts(parts, reduction: str):
+    """Applies a PyTorch reduction to the core's ``reduction="sum_and_weight"`` output."""
+    total, denominator = parts
+    if reduction == "sum":
+        return total
+    return _mean(total, denominator)
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax family
+
+
+def cross_entropy(
+    input: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Array:
+    r"""Softmax cross-entropy with PyTorch's ``torch.nn.functional.cross_entropy`` semantics.
+
+    Class-index targets (integer dtype), with class weights :math:`w` (ones if not given),
+    smoothing :math:`\varepsilon`, :math:`C` classes and :math:`p = \operatorname{softmax}(x)`
+    over the class axis:
+
+    .. math::
+      \ell_n = (1 - \varepsilon)\, w_{y_n} (-\log p_{n, y_n})
+               + \frac{\varepsilon}{C} \sum_c w_c (-\log p_{n, c}),
+      \qquad
+      \text{mean} = \frac{\sum_{n:\, y_n \ne \text{ignore}} \ell_n}
+                         {\sum_{n:\, y_n \ne \text{ignore}} w_{y_n}}
+
+    with :math:`\ell_n = 0` for ignored targets. Probability targets (floating dtype, the
+    shape of ``input``):
+
+    .. math::
+      \ell_n = -\sum_c w_c\, t_{n, c} \log p_{n, c},
+      \quad t = (1 - \varepsilon)\,\text{target} + \varepsilon / C,
+      \qquad \text{mean} = \frac{1}{N'} \sum_n \ell_n
+
+    where :math:`N'` is the number of examples (``input.size / C``): class weights do not
+    enter this denominator. The mean over no weight (every target ignored) is ``NaN``, as in
+    PyTorch, with a zero gradient.
+
+    Args:
+      input: logits of shape ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``; classes on axis 1
+        (axis 0 for ``(C)``).
+      target: class indices of shape ``()``, ``(N)`` or ``(N, d1, ..., dK)`` (any integer
+        dtype), or probabilities of ``input``'s shape (floating dtype).
+      weight: optional ``(C,)`` class weights.
+      ignore_index: class-index target value whose examples are dropped from the loss, the
+        gradient and the mean's denominator. Probability targets accept only negative
+        values (ignored), as in PyTorch.
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+      label_smoothing: :math:`\varepsilon \in [0, 1]`.
+
+    Returns:
+      ``reduction="none"``: per-example losses of ``input``'s shape without the class axis;
+      otherwise a scalar. float32 for half-precision ``input``, else ``input``'s dtype.
+
+    Raises:
+      IndexError: eagerly (concrete ``target``), for a class index outside ``[0, C)`` that is
+        not ``ignore_index``. Under ``jax.jit`` such an example's loss is ``NaN`` instead.
+      ValueError: for shapes PyTorch rejects, a non-negative ``ignore_index`` with probability
+        targets, ``label_smoothing`` outside ``[0, 1]`` or an unknown ``reduction``.
+
+    Differences from PyTorch: none in values. A negative ``label_smoothing`` raises here
+    (PyTorch silently treats it as 0); if the class weights of every kept example are zero
+    the mean is ``NaN`` with a zero gradient (PyTorch's gradient is ``NaN`` there).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxce import pytorch
+      >>> logits = jnp.array([[2.0, 0.5, 0.1], [0.1, 0.2, 0.9], [1.0, 1.0, 1.0]])
+      >>> pytorch.cross_entropy(logits, jnp.array([0, 2, -100]))
+      Array(0.4913, dtype=float32)
+      >>> pytorch.cross_entropy(logits, jnp.array([0, 2, -100]), reduction="none")
+      Array([0.3168, 0.6657, 0.    ], dtype=float32)
+      >>> pytorch.cross_entropy(logits, jnp.array([-100, -100, -100]))
+      Array(nan, dtype=float32)
+      >>> pytorch.cross_entropy(logits, jnp.eye(3), weight=jnp.array([1.0, 2.0, 3.0]),
+      ...                       label_smoothing=0.1)
+      Array(2.1631, dtype=float32)
+    """
+    input = _checks.as_floating(input, "input")
+    target = jnp.asarray(target)
+    _reduction(reduction)
+    _label_smoothing(label_smoothing)
+    axis, _ = _class_layout(input)
+    num_classes = input.shape[axis]
+    weight = _class_weight(weight, num_classes)
+    core_reduction = "none" if reduction == "none" else "sum_and_weight"
+    if jnp.issubdtype(target.dtype, jnp.integer):
+        target = _class_indices(target, input, num_classes, ignore_index)
+        out = _softmax.softmax_cross_entropy_with_integer_labels(
+            input, target, axis=axis, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            class_weights=weight, reduction=core_reduction)
+    elif jnp.issubdtype(target.dtype, jnp.floating):
+        if target.shape != input.shape:
+            raise ValueError(
+                f"`target` of probabilities has shape {target.shape} but must have `input`'s "
+                f"shape {input.shape}; class-index targets need an integer dtype."
+            )
+        if ignore_index >= 0:
+            raise ValueError(
+                f"`ignore_index` ({ignore_index}) is not supported with probability (floating) "
+                "`target`s; leave it at its default or pass class indices."
+            )
+        out = _softmax.softmax_cross_entropy(
+            input, target, axis=axis, label_smoothing=label_smoothing, class_weights=weight,
+            reduction=core_reduction)
+    else:
+        raise TypeError(
+            f"`target` must hold class indices (integer dtype) or probabilities (floating "
+            f"dtype), got {target.dtype}."
+        )
+    return out if reduction == "none" else _reduce_parts(out, reduction)
+
+
+def nll_loss(
+    input: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Array:
+    r"""Negative log-likelihood with PyTorch's ``torch.nn.functional.nll_loss`` semantics.
+
+    .. math::
+      \ell_n = -w_{y_n}\, x_{n, y_n},
+      \qquad
+      \text{mean} = \frac{\sum_{n:\, y_n \ne \text{ignore}} \ell_n}
+                         {\sum_{n:\, y_n \ne \text{ignore}} w_{y_n}}
+
+    ``input`` holds log-probabilities :math:`x` and is used as given (not normalised). The
+    mean over no weight (every target ignored) is ``NaN`` as in PyTorch, with zero gradient.
+
+    Args:
+      input: log-probabilities of shape ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
+      target: class indices (integer dtype) of shape ``()``, ``(N)`` or ``(N, d1, ..., dK)``.
+      weight: optional ``(C,)`` class weights :math:`w`.
+      ignore_index: target value whose examples are dropped.
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+
+    Returns:
+      Per-example losses (``"none"``, ``input``'s shape without the class axis) or a scalar.
+
+    Raises:
+      IndexError: eagerly, for a class index outside ``[0, C)`` that is not
+        ``ignore_index`` (``NaN`` for that example under ``jax.jit``).
+      TypeError: for a non-integer ``target``; ValueError: for mismatched shapes.
+
+    Differences from PyTorch: none in values (see :func:`cross_entropy` for all-zero weights).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxce import pytorch
+      >>> log_probs = jax.nn.log_softmax(jnp.array([[2.0, 0.5, 0.1], [0.1, 0.2, 0.9]]))
+      >>> pytorch.nll_loss(log_probs, jnp.array([0, 2]), weight=jnp.array([1.0, 1.0, 3.0]))
+      Array(0.5785, dtype=float32)
+    """
+    input = _checks.as_floating(input, "input")
+    target = _checks.as_integer(
+        target, "target", " `nll_loss` takes class indices; for probabilities use `cross_entropy`.")
+    _reduction(reduction)
+    axis, _ = _class_layout(input)
+    target = _class_indices(target, input, input.shape[axis], ignore_index)
+    weight = _class_weight(weight, input.shape[axis])
+    out = _softmax.nll_loss(
+        input, target, axis=axis, ignore_index=ignore_index, class_weights=weight,
+        reduction="none" if reduction == "none" else "sum_and_weight")
+    return out if reduction == "none" else _reduce_parts(out, reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Binary family (elementwise)
+
+
+def _same_shape_target(target: ArrayLike, input: Array) -> Array:
+    target = jnp.asarray(target)
+    if target.shape != input.shape:
+        raise ValueError(
+            f"`target` has shape {target.shape} but must have `input`'s shape {input.shape}."
+        )
+    return target
+
+
+def _elementwise_weight(weight, name: str, input: Array) -> Array | None:
+    """``weight`` broadcast to ``input``'s shape (PyTorch broadcasts it, never ``input``)."""
+    if weight is None:
+        return None
+    weight = _checks.as_floating(weight, name)
+    return _checks.broadcastable(weight, name, input.shape, f"`input` {input.shape}")
+
+
+def _binary_reduce(out, reduction: str, size: int):
+    """``out`` is the core's ``"none"`` output or its ``"sum"`` (for ``"sum"``/``"mean"``)."""
+    return _elementwise_mean(out, size) if reduction == "mean" else out
+
+
+def binary_cross_entropy(
+    input: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    reduction: str = "mean",
+) -> Array:
+    r"""Binary cross-entropy on probabilities, as ``torch.nn.functional.binary_cross_entropy``.
+
+    Elementwise, with each log clamped at :math:`-100` as in PyTorch:
+
+    .. math::
+      \ell_i = -w_i \big(y_i \max(\log x_i, -100) + (1 - y_i) \max(\log(1 - x_i), -100)\big),
+      \qquad \text{mean} = \frac{1}{n} \sum_{i=1}^{n} \ell_i
+
+    over all :math:`n` elements: the mean of the weighted losses (PyTorch), not the weighted
+    mean :math:`\sum_i \ell_i / \sum_i w_i` of :func:`jaxce.binary_cross_entropy`.
+
+    Args:
+      input: probabilities :math:`x \in [0, 1]`, any shape.
+      target: targets :math:`y \in [0, 1]` of ``input``'s shape.
+      weight: optional weights :math:`w` broadcastable to ``input``'s shape.
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+
+    Returns:
+      Per-element losses of ``input``'s shape (``"none"``) or a scalar.
+
+    Raises:
+      ValueError: eagerly (concrete arrays), when ``input`` or ``target`` has a value outside
+        ``[0, 1]`` (PyTorch raises too); for mismatched shapes or an unknown ``reduction``.
+        Under ``jax.jit`` an ``input`` outside ``[0, 1]`` gives ``NaN`` for its element.
+
+    Differences from PyTorch: none in values. Gradients agree except where a log is clamped
+    (:math:`x` within about :math:`e^{-100}` of 0 or 1): there a clamped term contributes a
+    zero gradient, where PyTorch divides by :math:`\max(x (1 - x), 10^{-12})`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxce import pytorch
+      >>> probs, target = jnp.array([0.7, 0.2, 0.0]), jnp.array([1.0, 0.0, 1.0])
+      >>> pytorch.binary_cross_entropy(probs, target, reduction="none")
+      Array([  0.3567,   0.2231, 100.    ], dtype=float32)
+      >>> pytorch.binary_cross_entropy(probs, target, weight=jnp.array([1.0, 2.0, 0.0]))
+      Array(0.2677, dtype=float32)
+    """
+    input = _checks.as_floating(input, "input")
+    target = _same_shape_target(target, input)
+    _reduction(reduction)
+    weight = _elementwise_weight(weight, "weight", input)
+    for name, values in (("input", input), ("target", target)):
+        if _is_concrete(values):
+            values = np.asarray(values)
+            if values.size and not ((values >= 0) & (values <= 1)).all():
+                raise ValueError(f"every element of `{name}` must lie in [0, 1].")
+    out = _binary.binary_cross_entropy(
+        input, target, sample_weights=weight, reduction="none" if reduction == "none" else "sum")
+    return _binary_reduce(out, reduction, input.size)
+
+
+def binary_cross_entropy_with_logits(
+    input: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    reduction: str = "mean",
+    pos_weight: ArrayLike | None = None,
+) -> Array:
+    r"""Binary cross-entropy on logits, as ``torch.nn.functional.binary_cross_entropy_with_logits``.
+
+    Elementwise, with :math:`\sigma` the logistic sigmoid and positive-class weight :math:`w_+`:
+
+    .. math::
+      \ell_i = -w_i \big(w_{+,i}\, y_i \log \sigma(x_i) + (1 - y_i) \log(1 - \sigma(x_i))\big),
+      \qquad \text{mean} = \frac{1}{n} \sum_{i=1}^{n} \ell_i
+
+    computed stably in log space (softplus), for logits of any size.
+
+    Args:
+      input: logits :math:`x`, any shape.
+      target: targets :math:`y \in [0, 1]` of ``input``'s shape.
+      weight: optional weights :math:`w` broadcastable to ``input``'s shape.
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+      pos_weight: optional :math:`w_+` broadcastable to ``input``'s shape: per class on the
+        last axis, shape ``(C,)``; for ``(N, C, H, W)`` inputs, ``(C, 1, 1)``.
+
+    Returns:
+      Per-element losses of ``input``'s shape (``"none"``) or a scalar.
+
+    Raises:
+      ValueError: for mismatched shapes or an unknown ``reduction``.
+
+    Differences from PyTorch: none in values. At infinite logits a term with zero weight is
+    exactly 0 (PyTorch gives NaN there).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxce import pytorch
+      >>> logits = jnp.array([[0.8, -1.2, 2.0], [0.1, 0.4, -0.3]])
+      >>> target = jnp.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+      >>> pytorch.binary_cross_entropy_with_logits(logits, target)
+      Array(0.4288, dtype=float32)
+      >>> pytorch.binary_cross_entropy_with_logits(logits, target,
+      ...                                          pos_weight=jnp.array([1.0, 3.0, 0.5]))
+      Array(0.5893, dtype=float32)
+    """
+    input = _checks.as_floating(input, "input")
+    target = _same_shape_target(target, input)
+    _reduction(reduction)
+    weight = _elementwise_weight(weight, "weight", input)
+    out = _binary.sigmoid_binary_cross_entropy(
+        input, target, pos_weight=pos_weight, sample_weights=weight,
+        reduction="none" if reduction == "none" else "sum")
+    return _binary_reduce(out, reduction, input.size)
+
+
+# --------------------------------------------------------------------------------------------
+# Kullback-Leibler divergence (elementwise)
+
+
+def kl_div(
+    input: ArrayLike,
+    target: ArrayLike,
+    reduction: str = "mean",
+    log_target: bool = False,
+) -> Array:
+    r"""Pointwise Kullback-Leibler divergence, as ``torch.nn.functional.kl_div``.
+
+    ``input`` holds log-probabilities :math:`\log q`, ``target`` probabilities :math:`p` (or
+    :math:`\log p` with ``log_target=True``). Elementwise, with :math:`0 \log 0 = 0`:
+
+    .. math::
+      \ell_i = p_i \big(\log p_i - \log q_i\big),
+      \qquad
+      \text{batchmean} = \frac{1}{N} \sum_i \ell_i,
+      \qquad
+      \text{mean} = \frac{1}{n} \sum_i \ell_i
+
+    where :math:`N` is ``input.shape[0]`` (1 for a scalar ``input``) and :math:`n` the number of
+    elements. ``"batchmean"`` is the KL divergence per example, :math:`KL(p \| q)` averaged
+    over the batch (what the mathematics means); PyTorch's ``"mean"`` also divides by the
+    number of classes.
+
+    Args:
+      input: log-probabilities :math:`\log q`, any shape (PyTorch's ``(N, *)``).
+      target: :math:`p` (or :math:`\log p`), broadcastable with ``input``.
+      reduction: ``"none"``, ``"batchmean"``, ``"sum"`` or ``"mean"``.
+      log_target: whether ``target`` holds :math:`\log p`.
+
+    Returns:
+      Per-element values of the broadcast shape of ``input`` and ``target`` (``"none"``) or a
+      scalar.
+
+    Differences from PyTorch: none for finite inputs and non-negative targets. Where PyTorch
+    gives NaN, this follows the core's :math:`0 \log 0 = 0`: a zero target (or ``-inf`` log
+    target) next to a ``-inf`` ``input`` contributes 0, and a negative target contributes 0
+    (PyTorch: NaN). PyTorch warns that ``"mean"`` is not the KL divergence; this does not.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxce import pytorch
+      >>> p = jnp.array([[0.5, 0.5, 0.0], [0.25, 0.25, 0.5]])
+      >>> log_q = jnp.log(jnp.array([[0.25, 0.25, 0.5], [0.5, 0.25, 0.25]]))
+      >>> pytorch.kl_div(log_q, p, reduction="batchmean")
+      Array(0.4332, dtype=float32)
+      >>> pytorch.kl_div(log_q[1], jnp.log(p[1]), reduction="none", log_target=True)
+      Array([-0.1733,  0.    ,  0.3466], dtype=float32)
+    """
+    _reduction(reduction, _REDUCTIONS + ("batchmean",))
+    input = _checks.as_floating(input, "input")
+    target = _checks.as_floating(target, "target")
+    try:
+        shape = np.broadcast_shapes(input.shape, target.shape)
+    except ValueError:
+        raise ValueError(
+            f"`input` {input.shape} and `target` {target.shape} do not broadcast together."
+        ) from None
+    batch = input.shape[0] if input.ndim else 1
+    # A trailing class axis of size 1 makes the core's per-example KL the pointwise term.
+    input = jnp.broadcast_to(input, shape)[..., None]
+    target = jnp.broadcast_to(target, shape)[..., None]
+    kl = (_divergence.kl_divergence_with_log_targets if log_target
+          else _divergence.kl_divergence)
+    out = kl(input, target, axis=-1, reduction="none" if reduction == "none" else "sum")
+    if reduction == "mean":
+        return _elementwise_mean(out, math.prod(shape))
+    if reduction == "batchmean":
+        return _elementwise_mean(out, batch)
+    return out
