@@ -40,7 +40,7 @@ def jax_timer(loss, logits, labels, reps):
     memory = compiled.memory_analysis()
 
     def run():
-        value, grad = compiled(logits, labels)
+        _, grad = compiled(logits, labels)
         grad.block_until_ready()
 
     return best_time(run, reps), memory

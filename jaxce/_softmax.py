@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxce import _checks
-from jaxce import _reduce
+from jaxce import _checks, _reduce
 from jaxce._reduce import ClassLayout
 
 Array = jax.Array
@@ -118,6 +117,28 @@ def _integer_labels(labels, lg: _Logits) -> Array:
     return labels
 
 
+def _hard_targets(lg: _Logits, labels, *, ignore_index=None, class_weights=None,
+                  sample_weights=None):
+    """Validated integer labels: ``(lg with dropped rows neutralised, safe labels, Examples)``."""
+    labels = _integer_labels(labels, lg)
+    info, y = _reduce.integer_examples(
+        labels, lg.num_classes, lg.x.dtype, ignore_index=ignore_index,
+        class_weights=class_weights, sample_weights=sample_weights, keep=lg.keep,
+        class_mask=lg.class_mask)
+    may_drop = ignore_index is not None or lg.keep is not None
+    return lg.neutralised(info.keep if may_drop else None), y, info
+
+
+def _soft_targets(lg: _Logits, labels, sample_weights=None):
+    """Validated probability targets: ``(lg with dropped rows neutralised, t (..., C), Examples)``."""
+    labels = _checks.as_floating(labels, "labels")
+    target = _checks.broadcastable(labels, "labels", lg.shape, "probabilities over `logits`")
+    t = lg.layout.to_last(target.astype(lg.x.dtype))
+    info = _reduce.examples(lg.batch_shape, lg.x.dtype, keep=lg.keep,
+                            sample_weights=sample_weights)
+    return lg.neutralised(lg.keep), t, info
+
+
 def _mean_neg_log_probs(lg: _Logits, m: Array, log_s: Array, weights: Array | None) -> Array:
     r"""``(1 / C) \sum_c w_c (-\log p_c)`` over the classes ``where`` leaves in.
 
@@ -216,13 +237,9 @@ def softmax_cross_entropy_with_integer_labels(
       Szegedy et al., *Rethinking the Inception Architecture* (label smoothing), 2016;
       Chowdhery et al., *PaLM* (z-loss), 2022.
     """
-    lg = _prepare(logits, axis, where)
-    labels = _integer_labels(labels, lg)
-    info, y = _reduce.integer_examples(
-        labels, lg.num_classes, lg.x.dtype, ignore_index=ignore_index,
-        sample_weights=sample_weights, keep=lg.keep, class_mask=lg.class_mask,
-        class_weights=class_weights)
-    lg = lg.neutralised(info.keep if (ignore_index is not None or lg.keep is not None) else None)
+    lg, y, info = _hard_targets(_prepare(logits, axis, where), labels,
+                                ignore_index=ignore_index, class_weights=class_weights,
+                                sample_weights=sample_weights)
     m, log_s = _log_normalizer(lg.x, lg.class_mask)
     nll = log_s + (m - _reduce.take_class(lg.x, y))
     weights = _class_weight_vector(class_weights, lg)
@@ -287,13 +304,7 @@ def softmax_cross_entropy(
       >>> round(float(bits(q2, p)), 4)  # not symmetric
       0.786
     """
-    lg = _prepare(logits, axis, where)
-    labels = _checks.as_floating(labels, "labels")
-    target = _checks.broadcastable(labels, "labels", lg.shape, "probabilities over `logits`")
-    t = lg.layout.to_last(target.astype(lg.x.dtype))
-    info = _reduce.examples(lg.batch_shape, lg.x.dtype, keep=lg.keep,
-                            sample_weights=sample_weights)
-    lg = lg.neutralised(lg.keep)
+    lg, t, info = _soft_targets(_prepare(logits, axis, where), labels, sample_weights)
     if not _is_zero(label_smoothing):
         count = lg.count()
         per_row = count if isinstance(count, int) else count[..., None]
@@ -358,12 +369,9 @@ def nll_loss(
       >>> jaxce.nll_loss(jax.nn.log_softmax(logits), jnp.array([0, 2]))
       Array([0.3168, 0.6657], dtype=float32)
     """
-    lg = _prepare(log_probs, axis, None, name="log_probs")
-    labels = _integer_labels(labels, lg)
-    info, y = _reduce.integer_examples(
-        labels, lg.num_classes, lg.x.dtype, ignore_index=ignore_index,
-        class_weights=class_weights, sample_weights=sample_weights)
-    lg = lg.neutralised(info.keep if ignore_index is not None else None)
+    lg, y, info = _hard_targets(_prepare(log_probs, axis, None, name="log_probs"), labels,
+                                ignore_index=ignore_index, class_weights=class_weights,
+                                sample_weights=sample_weights)
     loss = -_reduce.take_class(lg.x, y)
     weights = _class_weight_vector(class_weights, lg)
     if weights is not None:
@@ -453,13 +461,7 @@ def poly_loss_cross_entropy(
       Leng et al., *PolyLoss: A Polynomial Expansion Perspective of Classification Loss
       Functions*, 2022.
     """
-    lg = _prepare(logits, axis, where)
-    labels = _checks.as_floating(labels, "labels")
-    target = _checks.broadcastable(labels, "labels", lg.shape, "probabilities over `logits`")
-    t = lg.layout.to_last(target.astype(lg.x.dtype))
-    info = _reduce.examples(lg.batch_shape, lg.x.dtype, keep=lg.keep,
-                            sample_weights=sample_weights)
-    lg = lg.neutralised(lg.keep)
+    lg, t, info = _soft_targets(_prepare(logits, axis, where), labels, sample_weights)
     m, log_s = _log_normalizer(lg.x, lg.class_mask)
     log_p = _log_softmax(lg.x, m, log_s)
     ce = -jnp.sum(_safe_product(t, log_p, lg.class_mask), axis=-1)
@@ -523,11 +525,8 @@ def softmax_focal_loss(
     lg = _prepare(logits, axis, where)
     labels = jnp.asarray(labels)
     if jnp.issubdtype(labels.dtype, jnp.integer):
-        labels = _integer_labels(labels, lg)
-        info, y = _reduce.integer_examples(
-            labels, lg.num_classes, lg.x.dtype, ignore_index=ignore_index,
-            sample_weights=sample_weights, keep=lg.keep, class_mask=lg.class_mask)
-        lg = lg.neutralised(info.keep if (ignore_index is not None or lg.keep is not None) else None)
+        lg, y, info = _hard_targets(lg, labels, ignore_index=ignore_index,
+                                    sample_weights=sample_weights)
         m, log_s = _log_normalizer(lg.x, lg.class_mask)
         log_p_y = (_reduce.take_class(lg.x, y) - m) - log_s
         loss = -_focal_factor(log_p_y, gamma) * log_p_y
@@ -536,12 +535,7 @@ def softmax_focal_loss(
         return _reduce.finish(loss, info, reduction)
     if ignore_index is not None:
         raise ValueError("`ignore_index` applies to integer labels only; got float `labels`.")
-    labels = _checks.as_floating(labels, "labels")
-    target = _checks.broadcastable(labels, "labels", lg.shape, "probabilities over `logits`")
-    t = lg.layout.to_last(target.astype(lg.x.dtype))
-    info = _reduce.examples(lg.batch_shape, lg.x.dtype, keep=lg.keep,
-                            sample_weights=sample_weights)
-    lg = lg.neutralised(lg.keep)
+    lg, t, info = _soft_targets(lg, labels, sample_weights)
     m, log_s = _log_normalizer(lg.x, lg.class_mask)
     log_p = _log_softmax(lg.x, m, log_s)
     terms = _focal_factor(log_p, gamma) * _safe_product(t, log_p, lg.class_mask)

@@ -34,10 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxce import _binary
-from jaxce import _checks
-from jaxce import _divergence
-from jaxce import _softmax
+from jaxce import _binary, _checks, _divergence, _softmax
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from jax.experimental import checkify
+from reference import check_grads_2, log_softmax, weighted_reduce, xlogy
 
 import jaxce
-from reference import check_grads_2, log_softmax, weighted_reduce, xlogy
 
 N, C = 6, 5
 REDUCTIONS = ("none", "sum", "mean")
@@ -157,7 +157,7 @@ def test_integer_ce_z_loss_gradient_matches_formula():
 def test_jit_equals_eager():
     x, y, _, mask, cw, sw = data(4)
     f = functools.partial(jaxce.softmax_cross_entropy_with_integer_labels, label_smoothing=0.1,
-                          class_weights=cw, ignore_index=1, z_loss=1e-3)
+                          class_weights=cw, sample_weights=sw, ignore_index=1, z_loss=1e-3)
     np.testing.assert_allclose(jax.jit(f)(x, y, where=mask), f(x, y, where=mask), rtol=1e-6)
     g = functools.partial(jaxce.softmax_cross_entropy, label_smoothing=0.1, class_weights=cw)
     t = data(4)[2]
@@ -341,7 +341,7 @@ def test_softmax_focal_confident_prediction_has_zero_finite_gradient():
 
 
 def test_poly_loss_matches_reference_optax_and_grads():
-    x, y, t, mask, *_ = data(17)
+    x, _, t, mask, *_ = data(17)
     lp = log_softmax(x)
     want = -np.sum(t * lp, -1) + 2.0 * np.sum(t * (1 - np.exp(lp)), -1)
     got = jaxce.poly_loss_cross_entropy(x, t, epsilon=2.0)
