@@ -537,6 +537,47 @@ def test_checkpoint_gradients_equal():
     np.testing.assert_allclose(jax.grad(jax.checkpoint(f))(x), jax.grad(f)(x), rtol=1e-6)
 
 
+_FAMILY = {
+    "integer_ce": lambda x, y, t: jaxce.softmax_cross_entropy_with_integer_labels(
+        x, y, label_smoothing=0.1, z_loss=1e-2),
+    "soft_ce": lambda x, y, t: jaxce.softmax_cross_entropy(x, t, label_smoothing=0.1),
+    "nll": lambda x, y, t: jaxce.nll_loss(jax.nn.log_softmax(x), y),
+    "focal_integer": lambda x, y, t: jaxce.softmax_focal_loss(x, y, gamma=1.5),
+    "focal_soft": lambda x, y, t: jaxce.softmax_focal_loss(x, t, gamma=1.5),
+    "poly": lambda x, y, t: jaxce.poly_loss_cross_entropy(x, t, epsilon=1.0),
+    "smooth_labels": lambda x, y, t: jnp.sum(jaxce.smooth_labels(t, 0.2) * x, axis=-1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FAMILY))
+def test_every_member_under_jit_vmap_and_checkpoint(name):
+    f = _FAMILY[name]
+    rng = np.random.default_rng(35)
+    x = rng.normal(size=(3, 4, C)).astype(np.float32)  # two batch axes
+    y = rng.integers(0, C, size=(3, 4))
+    t = rng.dirichlet(np.ones(C), size=(3, 4)).astype(np.float32)
+    eager = np.asarray(f(x, y, t))
+    transformed = jax.jit(lambda x, y, t: (
+        f(x, y, t),
+        jax.vmap(f)(x, y, t),
+        jax.vmap(f, in_axes=(1, 1, 1), out_axes=1)(x, y, t),
+        jax.checkpoint(f)(x, y, t),
+    ))(x, y, t)
+    for got in transformed:
+        np.testing.assert_allclose(got, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_mean_reference_and_grads():
+    total = np.array([3.0, -1.5, 0.0, 2.0])
+    weight = np.array([2.0, 0.5, 0.0, 4.0])
+    want = np.where(weight != 0, total / np.where(weight != 0, weight, 1.0), 0.0)
+    np.testing.assert_allclose(jaxce.weighted_mean(total, weight), want, rtol=1e-6)
+    g = jax.grad(lambda a, b: jnp.sum(jaxce.weighted_mean(a, b)), argnums=(0, 1))(
+        jnp.asarray(total), jnp.asarray(weight))
+    assert np.all(np.asarray(g[0])[2] == 0) and np.all(np.isfinite(g[1]))
+    check_grads_2(lambda a, b: jaxce.weighted_mean(a, b), (total[[0, 1, 3]], weight[[0, 1, 3]]))
+
+
 # ----------------------------------------------------------------------------- numerics
 def test_neg_inf_logits_with_zero_target_mass_are_finite_to_second_order():
     x = jnp.array([[0.5, -jnp.inf, 1.0, -jnp.inf], [2.0, 1.0, -jnp.inf, 0.0]])
