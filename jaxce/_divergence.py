@@ -8,6 +8,8 @@ makes ``0 \\log 0 = 0`` hold in the value and in every gradient.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -181,7 +183,8 @@ def kl_divergence(
 
     Returns:
       Per-example divergences (``log_predictions``'s shape without the class axes) or a scalar;
-      float32 for half precision.
+      float32 for half precision. A negative target (on a class ``where`` leaves in) is
+      invalid: that example's divergence is NaN, never a silent finite value (as in PyTorch).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -198,6 +201,8 @@ def kl_divergence(
     p = _second(targets, "targets", lg, "log_predictions")
     live = _live(p, lg.class_mask)
     log_p = jnp.log(jnp.where(live, p, jnp.ones((), p.dtype)))
+    negative = p < 0 if lg.class_mask is None else (p < 0) & lg.class_mask
+    info = dataclasses.replace(info, bad=info.keep & jnp.any(negative, axis=-1))
     return _reduce.finish(_xlog_ratio(p, log_p, lg.x, live), info, reduction)
 
 

@@ -474,10 +474,10 @@ def kl_div(
       Per-element values of the broadcast shape of ``input`` and ``target`` (``"none"``) or a
       scalar.
 
-    Differences from PyTorch: none for finite inputs and non-negative targets. Where PyTorch
-    gives NaN, this follows the core's :math:`0 \log 0 = 0`: a zero target (or ``-inf`` log
-    target) next to a ``-inf`` ``input`` contributes 0, and a negative target contributes 0
-    (PyTorch: NaN). PyTorch warns that ``"mean"`` is not the KL divergence; this does not.
+    Differences from PyTorch: none for finite inputs. A negative target gives NaN for its
+    element, as in PyTorch. Where PyTorch gives NaN for a zero target (or a ``-inf`` log
+    target) next to a ``-inf`` ``input``, this follows the core's :math:`0 \log 0 = 0` and
+    gives 0. PyTorch warns that ``"mean"`` is not the KL divergence; this does not.
 
     Examples:
       >>> import jax.numpy as jnp

@@ -524,3 +524,14 @@ def test_property_entropy_maximal_at_uniform(a):
     h, h_uniform = (np.asarray(v) for v in _entropies(a))
     np.testing.assert_allclose(h_uniform, np.log(C), rtol=1e-6)
     assert (h >= -1e-6).all() and (h <= h_uniform + 1e-5).all()
+
+
+def test_kl_divergence_negative_target_is_nan_for_that_example_only():
+    log_q = np.log(np.array([[0.25, 0.25, 0.5], [0.2, 0.3, 0.5], [0.2, 0.3, 0.5]]))
+    p = np.array([[0.5, 0.5, 0.0], [1.2, -0.2, 0.0], [0.6, 0.4, -0.1]])
+    mask = np.array([[True, True, True], [True, True, True], [True, True, False]])
+    got = np.asarray(jaxce.kl_divergence(log_q, p, where=mask))
+    assert np.isnan(got[1]) and np.isfinite(got[0]) and np.isfinite(got[2])
+    np.testing.assert_allclose(got[0], 0.5 * np.log(2) * 2, rtol=1e-6)
+    assert np.isnan(jaxce.kl_divergence(log_q, p, reduction="mean"))
+
