@@ -168,18 +168,25 @@ def test_vmap_over_batch_and_spatial_axes():
     rng = np.random.default_rng(5)
     x = rng.normal(size=(3, C, 4, 2)).astype(np.float32)  # (N, C, H, W), classes on axis 1
     y = rng.integers(0, C, size=(3, 4, 2))
-    full = jaxce.softmax_cross_entropy_with_integer_labels(x, y, axis=1, label_smoothing=0.1)
-    over_batch = jax.vmap(functools.partial(
-        jaxce.softmax_cross_entropy_with_integer_labels, axis=0, label_smoothing=0.1))(x, y)
-    over_width = jax.vmap(functools.partial(
-        jaxce.softmax_cross_entropy_with_integer_labels, axis=1, label_smoothing=0.1),
-        in_axes=(3, 2), out_axes=2)(x, y)
+    t = np.asarray(jax.nn.softmax(jnp.asarray(rng.normal(size=x.shape)), axis=1))
+    integer = functools.partial(jaxce.softmax_cross_entropy_with_integer_labels,
+                                label_smoothing=0.1)
+    soft = jaxce.softmax_cross_entropy
+
+    @jax.jit
+    def all_ways(x, y, t):
+        return (
+            integer(x, y, axis=1),
+            jax.vmap(functools.partial(integer, axis=0))(x, y),  # over the batch axis
+            jax.vmap(functools.partial(integer, axis=1), in_axes=(3, 2), out_axes=2)(x, y),  # W
+            soft(x, t, axis=1),
+            jax.vmap(functools.partial(soft, axis=0))(x, t),
+        )
+
+    full, over_batch, over_width, soft_full, soft_batch = all_ways(x, y, t)
     np.testing.assert_allclose(over_batch, full, rtol=1e-6)
     np.testing.assert_allclose(over_width, full, rtol=1e-6)
-    t = jax.nn.softmax(jnp.asarray(rng.normal(size=x.shape)), axis=1)
-    soft = jaxce.softmax_cross_entropy(x, t, axis=1)
-    np.testing.assert_allclose(jax.vmap(functools.partial(jaxce.softmax_cross_entropy, axis=0))(x, t),
-                               soft, rtol=1e-6)
+    np.testing.assert_allclose(soft_batch, soft_full, rtol=1e-6)
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2, -2])
@@ -432,6 +439,7 @@ def test_torch_parity_class_indices(reduction, weighted, smoothing):
     want, want_grad = _torch_ce(x.astype(np.float64), y, weight=cw, ignore_index=-100,
                                 reduction=reduction, label_smoothing=smoothing)
 
+    @jax.jit
     def f(v):
         return jaxce.softmax_cross_entropy_with_integer_labels(
             v, y, axis=1, ignore_index=-100, class_weights=cw, label_smoothing=smoothing,
@@ -452,6 +460,7 @@ def test_torch_parity_probability_targets(reduction, weighted, smoothing):
     want, want_grad = _torch_ce(x.astype(np.float64), t.astype(np.float64), weight=cw,
                                 reduction=reduction, label_smoothing=smoothing)
 
+    @jax.jit
     def f(v):
         return jaxce.softmax_cross_entropy(v, t, axis=1, class_weights=cw,
                                            label_smoothing=smoothing, reduction=reduction)
@@ -497,7 +506,7 @@ def test_sum_and_weight_with_psum_over_devices_axis():
             xs, ys, ignore_index=-100, reduction="sum_and_weight")
         return jaxce.weighted_mean(jax.lax.psum(total, "d"), jax.lax.psum(weight, "d"))
 
-    out = jax.vmap(shard, axis_name="d")(x.reshape(4, 2, C), y.reshape(4, 2))
+    out = jax.jit(jax.vmap(shard, axis_name="d"))(x.reshape(4, 2, C), y.reshape(4, 2))
     np.testing.assert_allclose(out, np.full(4, full), rtol=1e-6)
 
 
@@ -534,7 +543,8 @@ def test_checkpoint_gradients_equal():
     x, y, *_ = data(29)
     f = lambda v: jaxce.softmax_cross_entropy_with_integer_labels(v, y, label_smoothing=0.1,
                                                                  reduction="mean")
-    np.testing.assert_allclose(jax.grad(jax.checkpoint(f))(x), jax.grad(f)(x), rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(jax.grad(jax.checkpoint(f)))(x), jax.jit(jax.grad(f))(x),
+                               rtol=1e-6)
 
 
 _FAMILY = {
@@ -591,18 +601,19 @@ def test_neg_inf_logits_with_zero_target_mass_are_finite_to_second_order():
         "poly": lambda v: jaxce.poly_loss_cross_entropy(v, t, reduction="sum"),
     }
     for name, f in losses.items():
-        assert np.isfinite(f(x)), name
-        assert np.all(np.isfinite(jax.grad(f)(x))), name
-        assert np.all(np.isfinite(jax.hessian(f)(x))), name
-        _, tangent = jax.jvp(f, (x,), (jnp.ones_like(x),))
-        assert np.isfinite(tangent), name
+        value, grad, hessian, tangent = jax.jit(lambda v, f=f: (
+            f(v), jax.grad(f)(v), jax.hessian(f)(v), jax.jvp(f, (v,), (jnp.ones_like(v),))[1]))(x)
+        for what, out in (("value", value), ("grad", grad), ("hessian", hessian),
+                          ("jvp", tangent)):
+            assert np.all(np.isfinite(out)), (name, what)
 
 
 def test_masked_classes_holding_nan_do_not_leak():
     x = jnp.array([[1.0, jnp.nan, 0.0]])
     mask = jnp.array([[True, False, True]])
     f = lambda v: jaxce.softmax_cross_entropy_with_integer_labels(v, jnp.array([0]), where=mask).sum()
-    assert np.isfinite(f(x)) and np.all(np.isfinite(jax.grad(f)(x)))
+    value, grad = jax.jit(jax.value_and_grad(f))(x)
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
 
 
 def test_logits_near_float32_max_do_not_overflow():
@@ -703,27 +714,38 @@ def test_bad_input_raises_clear_errors(call, error, match):
 
 
 # ----------------------------------------------------------------------------- properties
-_logits = hnp.arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(2, 6)),
-                     elements=st.floats(-30, 30, width=32))
+_PROP_SHAPE = (4, 6)
+_logits = hnp.arrays(np.float32, _PROP_SHAPE, elements=st.floats(-30, 30, width=32))
+_labels = hnp.arrays(np.int32, _PROP_SHAPE[:1], elements=st.integers(0, _PROP_SHAPE[1] - 1))
+
+
+@jax.jit
+def _shifted_pair(x, y, shift):
+    f = functools.partial(jaxce.softmax_cross_entropy_with_integer_labels, label_smoothing=0.1)
+    return f(x, y), f(x + shift, y)
+
+
+@jax.jit
+def _onehot_identities(x, y, eps):
+    onehot = jax.nn.one_hot(y, x.shape[-1])
+    ce = jaxce.softmax_cross_entropy(x, onehot)
+    nll = jaxce.nll_loss(jax.nn.log_softmax(x), y)
+    smoothed = jaxce.softmax_cross_entropy_with_integer_labels(x, y, label_smoothing=eps)
+    uniform = jaxce.softmax_cross_entropy(x, jnp.full_like(onehot, 1.0 / x.shape[-1]))
+    return ce, nll, smoothed, (1 - eps) * ce + eps * uniform
 
 
 @settings(max_examples=30, deadline=None)
-@given(_logits, st.floats(-50, 50, width=32), st.data())
-def test_shift_invariance_and_non_negativity(x, shift, draw):
-    y = draw.draw(hnp.arrays(np.int32, x.shape[:1], elements=st.integers(0, x.shape[1] - 1)))
-    loss = jaxce.softmax_cross_entropy_with_integer_labels(x, y, label_smoothing=0.1)
-    shifted = jaxce.softmax_cross_entropy_with_integer_labels(x + shift, y, label_smoothing=0.1)
+@given(_logits, _labels, st.floats(-50, 50, width=32))
+def test_shift_invariance_and_non_negativity(x, y, shift):
+    loss, shifted = _shifted_pair(x, y, shift)
     assert np.all(np.asarray(loss) >= 0)
     np.testing.assert_allclose(shifted, loss, rtol=1e-4, atol=1e-4)
 
 
 @settings(max_examples=30, deadline=None)
-@given(_logits, st.floats(0.0, 1.0), st.data())
-def test_onehot_ce_equals_nll_and_smoothing_identity(x, eps, draw):
-    y = draw.draw(hnp.arrays(np.int32, x.shape[:1], elements=st.integers(0, x.shape[1] - 1)))
-    onehot = np.eye(x.shape[1], dtype=np.float32)[y]
-    ce = jaxce.softmax_cross_entropy(x, onehot)
-    np.testing.assert_allclose(ce, jaxce.nll_loss(jax.nn.log_softmax(x), y), rtol=1e-5, atol=1e-5)
-    smoothed = jaxce.softmax_cross_entropy_with_integer_labels(x, y, label_smoothing=eps)
-    np.testing.assert_allclose(smoothed, (1 - eps) * ce + eps * jaxce.softmax_cross_entropy(
-        x, np.full_like(onehot, 1.0 / x.shape[1])), rtol=1e-4, atol=1e-4)
+@given(_logits, _labels, st.floats(0.0, 1.0))
+def test_onehot_ce_equals_nll_and_smoothing_identity(x, y, eps):
+    ce, nll, smoothed, mixed = _onehot_identities(x, y, eps)
+    np.testing.assert_allclose(ce, nll, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(smoothed, mixed, rtol=1e-4, atol=1e-4)
