@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxce import _checks, _reduce
-from jaxce._softmax import _is_zero
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -113,7 +112,7 @@ def sigmoid_binary_cross_entropy(
     logits = _checks.as_floating(logits, "logits")
     x = _reduce.upcast(logits)
     y = _binary_targets(labels, x.shape, x.dtype, "targets for `logits`")
-    if not _is_zero(label_smoothing):
+    if not _checks.is_zero(label_smoothing):
         y = y * (1 - label_smoothing) + label_smoothing / 2
     pw = None
     if pos_weight is not None:

@@ -40,6 +40,14 @@ def as_mask(x: jax.typing.ArrayLike, name: str) -> jax.Array:
     return x
 
 
+def is_zero(value) -> bool:
+    """True for a Python/NumPy scalar zero, so a default option can skip its work entirely.
+
+    A traced value is never "zero" here: it is computed, whatever it turns out to be.
+    """
+    return not isinstance(value, jax.core.Tracer) and jnp.ndim(value) == 0 and float(value) == 0
+
+
 def reduction(value: str) -> str:
     if value not in REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {value!r}.")

@@ -196,10 +196,6 @@ def _stats_bwd(cfg, res, cotangents):
 _stats.defvjp(_stats_fwd, _stats_bwd)
 
 
-def _is_zero(value) -> bool:
-    return not isinstance(value, jax.core.Tracer) and jnp.ndim(value) == 0 and float(value) == 0
-
-
 def linear_softmax_cross_entropy(
     hidden: ArrayLike,
     weight: ArrayLike,
@@ -379,7 +375,7 @@ def linear_softmax_cross_entropy(
     acc = _reduce.compute_dtype(hidden.dtype, weight.dtype)
     info, safe = _reduce.integer_examples(labels, vocab_size, acc, ignore_index=ignore_index,
                                           sample_weights=sample_weights)
-    want_sum = not _is_zero(label_smoothing)
+    want_sum = not _checks.is_zero(label_smoothing)
     cfg = _Config(chunk=chunk, softcap=logit_softcap, limit=vocab_size, want_sum=want_sum)
 
     x = hidden.reshape(-1, d_model)
@@ -402,6 +398,6 @@ def linear_softmax_cross_entropy(
     loss = lse - zy
     if want_sum:
         loss = (1 - label_smoothing) * loss + label_smoothing * (lse - total / vocab_size)
-    if not _is_zero(z_loss):
+    if not _checks.is_zero(z_loss):
         loss = loss + z_loss * jnp.square(lse)
     return _reduce.finish(loss, info, reduction)

@@ -17,11 +17,6 @@ ArrayLike = jax.typing.ArrayLike
 _SOFT_LABELS_HINT = " For probability targets use `softmax_cross_entropy`."
 
 
-def _is_zero(value) -> bool:
-    """True for a Python/NumPy zero: lets a default option cost nothing (no extra pass)."""
-    return not isinstance(value, jax.core.Tracer) and jnp.ndim(value) == 0 and float(value) == 0
-
-
 @dataclasses.dataclass(frozen=True)
 class _Logits:
     """Logits brought into the ``(..., C)`` layout every formula uses."""
@@ -99,7 +94,7 @@ def _log_softmax(x: Array, m: Array, log_s: Array) -> Array:
 
 
 def _z_term(z_loss, m: Array, log_s: Array) -> Array | float:
-    if _is_zero(z_loss):
+    if _checks.is_zero(z_loss):
         return 0.0
     return z_loss * jnp.square(m + log_s)
 
@@ -246,7 +241,7 @@ def softmax_cross_entropy_with_integer_labels(
     if weights is not None:
         nll = nll * weights[y]
     loss = nll
-    if not _is_zero(label_smoothing):
+    if not _checks.is_zero(label_smoothing):
         smooth = _mean_neg_log_probs(lg, m, log_s, weights)
         loss = (1 - label_smoothing) * nll + label_smoothing * smooth
     loss = loss + _z_term(z_loss, m, log_s)
@@ -305,7 +300,7 @@ def softmax_cross_entropy(
       0.786
     """
     lg, t, info = _soft_targets(_prepare(logits, axis, where), labels, sample_weights)
-    if not _is_zero(label_smoothing):
+    if not _checks.is_zero(label_smoothing):
         count = lg.count()
         per_row = count if isinstance(count, int) else count[..., None]
         t = (1 - label_smoothing) * t + label_smoothing / per_row
