@@ -255,8 +255,16 @@ def weighted_mean(total: jax.typing.ArrayLike, weight: jax.typing.ArrayLike) -> 
       >>> print(round(float(jaxce.weighted_mean(total, weight)), 4))
       0.4913
     """
+    return divide_or(total, weight, 0.0)
+
+
+def divide_or(total: jax.typing.ArrayLike, weight: jax.typing.ArrayLike, empty: float) -> Array:
+    """``total / weight``, and ``empty`` where ``weight == 0``, with a zero gradient there.
+
+    ``weighted_mean`` is ``empty=0``; ``jaxce.pytorch`` uses ``empty=nan`` (PyTorch's mean).
+    """
     total = jnp.asarray(total)
     weight = jnp.asarray(weight)
     nonzero = weight != 0
     safe = jnp.where(nonzero, weight, jnp.ones((), weight.dtype))
-    return jnp.where(nonzero, total / safe, jnp.zeros((), total.dtype))
+    return jnp.where(nonzero, total / safe, jnp.full((), empty, total.dtype))

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxce import _binary, _checks, _divergence, _softmax
+from jaxce import _binary, _checks, _divergence, _reduce, _softmax
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -113,9 +113,7 @@ def _label_smoothing(label_smoothing) -> None:
 
 def _mean(total: Array, denominator: Array) -> Array:
     """PyTorch's mean: ``total / denominator``, ``NaN`` (with zero gradient) when it is 0."""
-    nonzero = denominator != 0
-    safe = jnp.where(nonzero, denominator, jnp.ones((), denominator.dtype))
-    return jnp.where(nonzero, total / safe, jnp.full((), jnp.nan, total.dtype))
+    return _reduce.divide_or(total, denominator, jnp.nan)
 
 
 def _elementwise_mean(total: Array, size: int) -> Array:
