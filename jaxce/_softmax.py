@@ -35,11 +35,14 @@ class _Logits:
     def batch_shape(self) -> tuple[int, ...]:
         return self.x.shape[:-1]
 
-    def count(self) -> Array | int:
-        """Number of classes left in by ``where``, per row (``C`` without a mask)."""
+    def count(self, keepdims: bool = False) -> Array | int:
+        """Number of classes left in by ``where``, per row (``C`` without a mask).
+
+        With ``keepdims`` a mask's count keeps a trailing axis, to divide ``(..., C)`` arrays.
+        """
         if self.class_mask is None:
             return self.num_classes
-        return jnp.sum(self.class_mask, axis=-1).astype(self.x.dtype)
+        return jnp.sum(self.class_mask, axis=-1, keepdims=keepdims).astype(self.x.dtype)
 
     def neutralised(self, keep: Array | None) -> _Logits:
         """Replaces dropped rows by zero logits with every class in (the double-where trick).
@@ -140,8 +143,7 @@ def _mean_neg_log_probs(lg: _Logits, m: Array, log_s: Array, weights: Array | No
     Each ``-log p_c = log_s + (m - x_c)`` is a sum of non-negative parts; dividing by ``C``
     before subtracting keeps ``(m - x_c) / C`` finite for logits near the dtype's limit.
     """
-    count = lg.count()
-    per_row = count if isinstance(count, int) else count[..., None]
+    per_row = lg.count(keepdims=True)
     gap = m[..., None] / per_row - lg.x / per_row
     present = None
     if weights is not None:
@@ -151,7 +153,7 @@ def _mean_neg_log_probs(lg: _Logits, m: Array, log_s: Array, weights: Array | No
         gap = jnp.where(lg.class_mask, gap, jnp.zeros((), gap.dtype))
         if present is not None:
             present = jnp.where(lg.class_mask, present, jnp.zeros((), gap.dtype))
-    mean_weight = 1.0 if present is None else jnp.sum(present, axis=-1) / count
+    mean_weight = 1.0 if present is None else jnp.sum(present, axis=-1) / lg.count()
     return mean_weight * log_s + jnp.sum(gap, axis=-1)
 
 
@@ -301,9 +303,7 @@ def softmax_cross_entropy(
     """
     lg, t, info = _soft_targets(_prepare(logits, axis, where), labels, sample_weights)
     if not _checks.is_zero(label_smoothing):
-        count = lg.count()
-        per_row = count if isinstance(count, int) else count[..., None]
-        t = (1 - label_smoothing) * t + label_smoothing / per_row
+        t = (1 - label_smoothing) * t + label_smoothing / lg.count(keepdims=True)
     m, log_s = _log_normalizer(lg.x, lg.class_mask)
     log_p = _log_softmax(lg.x, m, log_s)
     loss = -jnp.sum(_safe_product(t, log_p, lg.class_mask, _class_weight_vector(class_weights, lg)),
