@@ -51,3 +51,27 @@ def check_grads_2(f, args, eps=1e-4, atol=1e-5, rtol=1e-5):
         jargs = tuple(jax.numpy.asarray(np.asarray(a, np.float64)) for a in args)
         check_grads(jax.jit(f), jargs, order=2, modes=("fwd", "rev"), eps=eps, atol=atol,
                     rtol=rtol)
+
+
+def check_half_precision_policy(f, a, b, dtype, rtol, atol):
+    """``f(a, b)`` on ``dtype`` inputs: a float32 result equal to ``f`` on the same values in
+    float32, and a gradient with respect to ``a`` in ``dtype`` (the contract's precision rule).
+    """
+    import jax.numpy as jnp
+
+    ah, bh = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    got = f(ah, bh)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, f(np.asarray(ah, np.float32), np.asarray(bh, np.float32)),
+                               rtol=rtol, atol=atol)
+    assert jax.grad(lambda v: jnp.sum(f(v, bh)))(ah).dtype == dtype
+
+
+def assert_close(got, want, rtol=1e-5, atol=1e-6):
+    """``assert_allclose`` for an array or for matching tuples of arrays."""
+    if isinstance(want, tuple):
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(g), w, rtol=rtol, atol=atol)
+    else:
+        np.testing.assert_allclose(np.asarray(got), want, rtol=rtol, atol=atol)
+

@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 import torch
-from reference import check_grads_2, weighted_reduce
+from reference import assert_close as _close
+from reference import check_grads_2, check_half_precision_policy, weighted_reduce
 
 import jaxce
 
@@ -59,14 +60,6 @@ def _data(rng, soft=True):
     x = rng.normal(size=SHAPE) * 3
     y = rng.uniform(size=SHAPE) if soft else (rng.uniform(size=SHAPE) > 0.5).astype(float)
     return x, y
-
-
-def _close(got, want, rtol=1e-5, atol=1e-6):
-    if isinstance(want, tuple):
-        for g, w in zip(got, want, strict=True):
-            np.testing.assert_allclose(np.asarray(g), w, rtol=rtol, atol=atol)
-    else:
-        np.testing.assert_allclose(np.asarray(got), want, rtol=rtol, atol=atol)
 
 
 # ----------------------------------------------------------------------------- values
@@ -451,11 +444,7 @@ def test_jit_vmap_checkpoint(rng, name):
 def test_half_precision(rng, name, dtype):
     f = LOSSES[name]
     x, y = _inputs(rng, name)
-    xh, yh = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
-    got = f(xh, yh)
-    assert got.dtype == jnp.float32
-    _close(got, f(np.asarray(xh, np.float32), np.asarray(yh, np.float32)), rtol=1e-2, atol=1e-2)
-    assert jax.grad(lambda x: jnp.sum(f(x, yh)))(xh).dtype == dtype
+    check_half_precision_policy(f, x, y, dtype, rtol=1e-2, atol=1e-2)
 
 
 def test_float64_stays_float64(rng):

@@ -21,14 +21,21 @@ REDUCTIONS = ("none", "sum", "mean")
 
 
 # ----------------------------------------------------------------------------- references
-def ref_integer_ce(x, y, *, mask=None, ignore_index=None, eps=0.0, cw=None, sw=None, z=0.0,
-                   reduction="none"):
-    """Float64 reference of softmax_cross_entropy_with_integer_labels, classes last."""
+def _ref_inputs(x, cw, sw, mask):
+    """float64 logits and the reference defaults: unit weights, every class in."""
     x = np.asarray(x, np.float64)
     n_rows, n_cls = x.shape
     cw = np.ones(n_cls) if cw is None else np.asarray(cw, np.float64)
     sw = np.ones(n_rows) if sw is None else np.broadcast_to(np.asarray(sw, np.float64), (n_rows,))
     mask = np.ones_like(x, bool) if mask is None else np.broadcast_to(mask, x.shape)
+    return x, cw, sw, mask
+
+
+def ref_integer_ce(x, y, *, mask=None, ignore_index=None, eps=0.0, cw=None, sw=None, z=0.0,
+                   reduction="none"):
+    """Float64 reference of softmax_cross_entropy_with_integer_labels, classes last."""
+    x, cw, sw, mask = _ref_inputs(x, cw, sw, mask)
+    n_rows, n_cls = x.shape
     loss, weight = np.zeros(n_rows), np.zeros(n_rows)
     for i in range(n_rows):
         if (ignore_index is not None and y[i] == ignore_index) or not mask[i].any():
@@ -50,11 +57,8 @@ def _lse(v):
 
 
 def ref_soft_ce(x, t, *, mask=None, eps=0.0, cw=None, sw=None, z=0.0, reduction="none"):
-    x = np.asarray(x, np.float64)
-    n_rows, n_cls = x.shape
-    cw = np.ones(n_cls) if cw is None else np.asarray(cw, np.float64)
-    sw = np.ones(n_rows) if sw is None else np.broadcast_to(np.asarray(sw, np.float64), (n_rows,))
-    mask = np.ones_like(x, bool) if mask is None else np.broadcast_to(mask, x.shape)
+    x, cw, sw, mask = _ref_inputs(x, cw, sw, mask)
+    n_rows = x.shape[0]
     loss, weight = np.zeros(n_rows), np.zeros(n_rows)
     for i in range(n_rows):
         if not mask[i].any():
