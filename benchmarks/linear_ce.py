@@ -50,10 +50,14 @@ def main():
     parser.add_argument("--dtype", default="float32")
     opts = parser.parse_args()
     dtype = jnp.dtype(opts.dtype)
-    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {platform.processor() or ''}"
-          f" dtype={dtype.name}, best of {opts.reps} after a warm-up")
-    print(f"{'N':>6} {'D':>5} {'V':>7} | {'optax s':>8} {'fused s':>8} {'time x':>7} | "
-          f"{'optax MiB':>9} {'fused MiB':>9} {'mem x':>7}")
+    print(
+        f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {platform.processor() or ''}"
+        f" dtype={dtype.name}, best of {opts.reps} after a warm-up"
+    )
+    print(
+        f"{'N':>6} {'D':>5} {'V':>7} | {'optax s':>8} {'fused s':>8} {'time x':>7} | "
+        f"{'optax MiB':>9} {'fused MiB':>9} {'mem x':>7}"
+    )
     rng = np.random.default_rng(0)
     for n, d, v in SHAPES:
         h = jnp.asarray(rng.normal(size=(n, d)), dtype)
@@ -61,8 +65,11 @@ def main():
         y = jnp.asarray(rng.integers(0, v, size=n), jnp.int32)
         t_ref, m_ref = measure(optax_loss, (h, w, y), opts.reps)
         t_new, m_new = measure(fused_loss, (h, w, y), opts.reps)
-        print(f"{n:>6} {d:>5} {v:>7} | {t_ref:8.2f} {t_new:8.2f} {t_new / t_ref:7.2f} | "
-              f"{m_ref / 2**20:9.1f} {m_new / 2**20:9.1f} {m_new / m_ref:7.4f}", flush=True)
+        print(
+            f"{n:>6} {d:>5} {v:>7} | {t_ref:8.2f} {t_new:8.2f} {t_new / t_ref:7.2f} | "
+            f"{m_ref / 2**20:9.1f} {m_new / 2**20:9.1f} {m_new / m_ref:7.4f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -80,10 +80,14 @@ def main(argv=None):
 
     t_torch = best_time(torch_step, args.reps)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, "
-          f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    print(f"integer-label CE, value_and_grad of the mean, logits ({args.n}, {args.c}) float32 "
-          f"= {gib:.2f} GiB, best of {args.reps}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, "
+        f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"integer-label CE, value_and_grad of the mean, logits ({args.n}, {args.c}) float32 "
+        f"= {gib:.2f} GiB, best of {args.reps}"
+    )
     print(f"  copy (read+write)   {t_copy * 1e3:8.1f} ms")
     print(f"  jaxce               {t_jaxce * 1e3:8.1f} ms")
     print(f"  optax               {t_optax * 1e3:8.1f} ms")
@@ -92,8 +96,10 @@ def main(argv=None):
     print(f"  jaxce / torch  = {t_jaxce / t_torch:.2f}   (target <= 0.5)")
     print(f"  jaxce / copy   = {t_jaxce / t_copy:.2f}   (target <= 1.5)")
     for name, mem in (("jaxce", m_jaxce), ("optax", m_optax)):
-        print(f"  compiled temp memory {name}: {mem.temp_size_in_bytes / 2**20:8.1f} MiB "
-              f"(output {mem.output_size_in_bytes / 2**20:.1f} MiB)")
+        print(
+            f"  compiled temp memory {name}: {mem.temp_size_in_bytes / 2**20:8.1f} MiB "
+            f"(output {mem.output_size_in_bytes / 2**20:.1f} MiB)"
+        )
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def save_figure(path: str, images, labels, pred, num: int = 6) -> None:
         axes[0, j].imshow(images[j, ..., 0], cmap="gray", vmin=-0.2, vmax=1.2)
         axes[1, j].imshow(show_t[j], cmap=cmap, vmin=0, vmax=len(colors) - 1)
         axes[2, j].imshow(pred[j], cmap=cmap, vmin=0, vmax=len(colors) - 1)
-    for ax, name in zip(axes[:, 0], ("input", "target", "prediction")):
+    for ax, name in zip(axes[:, 0], ("input", "target", "prediction"), strict=True):
         ax.set_ylabel(name)
     for ax in axes.flat:
         ax.set_xticks([])
@@ -212,8 +212,8 @@ def main(argv=None) -> dict:
         "seed": args.seed,
         "first_loss": losses[0],
         "last_loss": float(np.mean(losses[-tail:])),
-        "class_weights": {c: float(w) for c, w in zip(CLASSES, class_weights)},
-        "iou": {c: float(v) for c, v in zip(CLASSES, ious)},
+        "class_weights": {c: float(w) for c, w in zip(CLASSES, class_weights, strict=True)},
+        "iou": {c: float(v) for c, v in zip(CLASSES, ious, strict=True)},
         "mean_iou": float(np.nanmean(ious)),
         "pixel_accuracy": float(np.mean(pred[keep] == test_labels[keep])),
         "ignored_fraction": float(1.0 - keep.mean()),

@@ -24,89 +24,30 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxce import _checks, _reduce
+from jaxce import _checks, _reduce, _vocab
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
 
-# Automatic chunk: a (tokens x chunk) float32 tile of about 2**22 elements (16 MiB), at least
-# 256 columns and a multiple of 128.
-_TILE_ELEMENTS = 1 << 22
-_MIN_CHUNK = 256
-
 
 class _Config(NamedTuple):
-    chunk: int             # columns per tile (<= local vocabulary)
+    chunk: int  # columns per tile (<= local vocabulary)
     softcap: float | None  # s in s * tanh(z / s)
-    limit: int             # global number of real classes; columns at or past it are padding
-    want_sum: bool         # compute S = sum of the (capped) logits over real classes
-
-
-def _auto_chunk(num_tokens: int, vocab: int) -> int:
-    chunk = _TILE_ELEMENTS // max(num_tokens, 1)
-    chunk = max(_MIN_CHUNK, chunk // 128 * 128)
-    return max(1, min(chunk, vocab))
+    limit: int  # global number of real classes; columns at or past it are padding
+    want_sum: bool  # compute S = sum of the (capped) logits over real classes
 
 
 def _tile(cfg: _Config, x, w, b, i, offset):
-    """Logits of chunk ``i``: ``(z (N, C) in the accumulation dtype, columns, valid, start)``.
-
-    Tiles never shrink: the last one is shifted left to end at the last column and the
-    columns it shares with the previous tile are marked not valid (``fresh``), so no padded
-    copy of ``weight`` is ever made.
-    """
-    vocab = w.shape[1]
+    """Logits of chunk ``i``: ``(z (N, C) in the accumulation dtype, wc, cols, valid, start)``."""
     acc = _reduce.compute_dtype(x.dtype, w.dtype)
-    start = jnp.minimum(i * cfg.chunk, vocab - cfg.chunk)
-    wc = lax.dynamic_slice_in_dim(w, start, cfg.chunk, axis=1)
+    wc, bc, cols, fresh, start = _vocab.column_block(w, b, i, cfg.chunk)
     z = jnp.dot(x, wc, preferred_element_type=acc)
-    if b is not None:
-        z = z + lax.dynamic_slice_in_dim(b, start, cfg.chunk).astype(acc)[None, :]
+    if bc is not None:
+        z = z + bc.astype(acc)[None, :]
     if cfg.softcap is not None:
         z = cfg.softcap * jnp.tanh(z / cfg.softcap)
-    cols = start + lax.iota(jnp.int32, cfg.chunk)
-    valid = (cols >= i * cfg.chunk) & (offset + cols < cfg.limit)
+    valid = fresh & (offset + cols < cfg.limit)
     return z, wc, cols, valid[None, :], start
-
-
-def _varying_axes(x) -> frozenset:
-    """Mesh axes over which ``x`` is device-varying inside ``shard_map`` (empty outside)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", ()))
-
-
-def _make_varying(x, axes):
-    """``x`` marked device-varying over ``axes`` (those it already varies over are skipped)."""
-    missing = tuple(sorted(frozenset(axes) - _varying_axes(x), key=str))
-    if not missing:
-        return x
-    if hasattr(lax, "pcast"):
-        return lax.pcast(x, missing, to="varying")
-    return lax.pvary(x, missing)  # older JAX
-
-
-def _sum_over_extra_axes(ct, ref):
-    extra = tuple(sorted(_varying_axes(ct) - _varying_axes(ref), key=str))
-    return lax.psum(ct, extra) if extra else ct
-
-
-def _varying_like(arrays, *refs):
-    """Marks fresh scan carries device-varying over the mesh axes any of ``refs`` varies over.
-
-    Inside ``shard_map`` a ``lax.scan`` needs its initial carry to have the same
-    varying-manual-axes type as the body's output; outside it this is a no-op.
-    """
-    axes = frozenset().union(*(_varying_axes(r) for r in refs if r is not None))
-    if not axes:
-        return arrays
-    return jax.tree.map(lambda a: _make_varying(a, axes), arrays)
-
-
-def _num_chunks(cfg: _Config, vocab: int) -> int:
-    return -(-vocab // cfg.chunk)
 
 
 def _stats_fwd_impl(cfg: _Config, x, w, b, y, offset):
@@ -127,10 +68,16 @@ def _stats_fwd_impl(cfg: _Config, x, w, b, y, offset):
             total = total + jnp.sum(jnp.where(valid, z, zero), axis=1)
         return (m_new, s, zy, total), None
 
-    init = (jnp.full((n,), -jnp.inf, acc), jnp.zeros((n,), acc), jnp.zeros((n,), acc),
-            jnp.zeros((n,), acc))
-    init = _varying_like(init, x, w, b, y, offset)
-    (m, s, zy, total), _ = lax.scan(body, init, jnp.arange(_num_chunks(cfg, w.shape[1])))
+    init = (
+        jnp.full((n,), -jnp.inf, acc),
+        jnp.zeros((n,), acc),
+        jnp.zeros((n,), acc),
+        jnp.zeros((n,), acc),
+    )
+    init = _vocab.varying_like(init, x, w, b, y, offset)
+    (m, s, zy, total), _ = lax.scan(
+        body, init, jnp.arange(_vocab.num_chunks(w.shape[1], cfg.chunk))
+    )
     shift = jnp.where(jnp.isfinite(m), m, zero)
     lse = shift + jnp.log(s)  # -inf for a row with no real class (an all-padding shard)
     return lse, zy, total
@@ -179,17 +126,23 @@ def _stats_bwd(cfg, res, cotangents):
             db = lax.dynamic_update_slice_in_dim(db, dbc, start, axis=0)
         return (dx, dw, db), None
 
-    init = (jnp.zeros(x.shape, acc), jnp.zeros(w.shape, w.dtype),
-            None if b is None else jnp.zeros(b.shape, b.dtype))
-    init = _varying_like(init, x, w, b, y, offset, lse, g_lse, g_zy, g_sum)
+    init = (
+        jnp.zeros(x.shape, acc),
+        jnp.zeros(w.shape, w.dtype),
+        None if b is None else jnp.zeros(b.shape, b.dtype),
+    )
+    init = _vocab.varying_like(init, x, w, b, y, offset, lse, g_lse, g_zy, g_sum)
     # Reverse order: the shifted last tile writes zeros over the columns it shares with the
     # previous tile, which then overwrites them with their true gradient.
-    (dx, dw, db), _ = lax.scan(body, init, jnp.arange(_num_chunks(cfg, w.shape[1])),
-                               reverse=True)
+    (dx, dw, db), _ = lax.scan(
+        body, init, jnp.arange(_vocab.num_chunks(w.shape[1], cfg.chunk)), reverse=True
+    )
     # Inside shard_map a cotangent may vary over mesh axes its primal does not (dW sums over the
     # token shards of a data axis): sum it over those axes, as the transpose of pcast would.
-    dx, dw, db = (None if ct is None else _sum_over_extra_axes(ct, ref)
-                  for ct, ref in ((dx, x), (dw, w), (db, b)))
+    dx, dw, db = (
+        None if ct is None else _vocab.sum_over_extra_axes(ct, ref)
+        for ct, ref in ((dx, x), (dw, w), (db, b))
+    )
     return dx.astype(x.dtype), dw, db, None, None
 
 
@@ -336,7 +289,8 @@ def linear_softmax_cross_entropy(
     if hidden.shape[-1] != d_model:
         raise ValueError(
             f"`hidden` has shape {hidden.shape} and `weight` has shape {weight.shape}: the last "
-            f"axis of `hidden` must equal the first axis of `weight` ({d_model}).")
+            f"axis of `hidden` must equal the first axis of `weight` ({d_model})."
+        )
     if local_vocab == 0:
         raise ValueError(f"`weight` has shape {weight.shape}: it needs at least one class.")
     labels = _checks.as_integer(labels, "labels")
@@ -364,17 +318,19 @@ def linear_softmax_cross_entropy(
     if not isinstance(vocab_size, int) or not 0 < vocab_size <= full_vocab:
         raise ValueError(
             f"`vocab_size` must be an int in [1, {full_vocab}] (the columns of `weight`"
-            f"{' over all shards' if shards > 1 else ''}), got {vocab_size!r}.")
+            f"{' over all shards' if shards > 1 else ''}), got {vocab_size!r}."
+        )
     if chunk_size is None:
-        chunk = _auto_chunk(max(1, labels.size), local_vocab)
+        chunk = _vocab.auto_chunk(max(1, labels.size), local_vocab)
     else:
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
         chunk = min(chunk_size, local_vocab)
 
     acc = _reduce.compute_dtype(hidden.dtype, weight.dtype)
-    info, safe = _reduce.integer_examples(labels, vocab_size, acc, ignore_index=ignore_index,
-                                          sample_weights=sample_weights)
+    info, safe = _reduce.integer_examples(
+        labels, vocab_size, acc, ignore_index=ignore_index, sample_weights=sample_weights
+    )
     want_sum = not _checks.is_zero(label_smoothing)
     cfg = _Config(chunk=chunk, softcap=logit_softcap, limit=vocab_size, want_sum=want_sum)
 
@@ -384,7 +340,7 @@ def linear_softmax_cross_entropy(
     if axis_name is not None:
         # hidden is replicated over the vocabulary axis; mark it device-varying so that its
         # cotangent (a partial sum per shard) is summed over the axis by the transpose.
-        x = _make_varying(x, (axis_name,))
+        x = _vocab.make_varying(x, (axis_name,))
     lse, zy, total = _stats(cfg, x, weight, bias, y, offset)
     if axis_name is not None:
         # logsumexp over shards. The shift is a constant (pmax has no derivative rule, so it

@@ -89,7 +89,9 @@ def split_where(where, shape: tuple[int, ...], layout: ClassLayout):
         mask = _checks.broadcastable(where, "where", shape, "a class mask for `logits`")
         return layout.to_last(mask), None
     if where.ndim == len(batch):
-        mask = _checks.broadcastable(where, "where", batch, "an example mask: `logits` without the class axis")
+        mask = _checks.broadcastable(
+            where, "where", batch, "an example mask: `logits` without the class axis"
+        )
         return None, mask
     raise ValueError(
         f"`where` has shape {where.shape}; it must be a class mask broadcastable to `logits` "
@@ -129,22 +131,33 @@ class Examples:
     bad: Array | None = None
 
 
-def examples(batch, dtype, *, keep=None, sample_weights=None, label_weight=None,
-             bad=None) -> Examples:
+def examples(
+    batch, dtype, *, keep=None, sample_weights=None, label_weight=None, bad=None
+) -> Examples:
     """Builds ``Examples`` from the optional pieces; missing pieces count as ones."""
     keep = jnp.ones(batch, bool) if keep is None else jnp.broadcast_to(keep, batch)
     weight = keep.astype(dtype)
     if sample_weights is not None:
         sample_weights = _checks.as_floating(sample_weights, "sample_weights")
         sample_weights = _checks.broadcastable(
-            sample_weights, "sample_weights", batch, "the per-example loss shape")
+            sample_weights, "sample_weights", batch, "the per-example loss shape"
+        )
         weight = weight * sample_weights.astype(dtype)
     denominator = weight if label_weight is None else weight * label_weight
     return Examples(keep=keep, weight=weight, denominator=denominator, bad=bad)
 
 
-def integer_examples(labels: Array, num_classes: int, dtype, *, ignore_index=None,
-                     class_weights=None, sample_weights=None, keep=None, class_mask=None):
+def integer_examples(
+    labels: Array,
+    num_classes: int,
+    dtype,
+    *,
+    ignore_index=None,
+    class_weights=None,
+    sample_weights=None,
+    keep=None,
+    class_mask=None,
+):
     """Bookkeeping for integer labels. Returns ``(Examples, safe_labels)``.
 
     ``safe_labels`` are the labels with ignored and invalid entries replaced by ``0``, safe to
@@ -168,8 +181,9 @@ def integer_examples(labels: Array, num_classes: int, dtype, *, ignore_index=Non
     if class_weights is not None:
         class_weights = class_vector(class_weights, "class_weights", num_classes, dtype)
         label_weight = class_weights[safe_labels]
-    info = examples(batch, dtype, keep=keep, sample_weights=sample_weights,
-                    label_weight=label_weight, bad=bad)
+    info = examples(
+        batch, dtype, keep=keep, sample_weights=sample_weights, label_weight=label_weight, bad=bad
+    )
     return info, safe_labels
 
 
@@ -189,7 +203,7 @@ def _check_labels(bad: Array, labels: Array, num_classes: int, ignore_index) -> 
 
 
 def take_class(x: Array, labels: Array) -> Array:
-    """``x[..., labels]`` for ``x`` of shape ``(..., C)`` and in-range ``labels`` of shape ``(...)``.
+    """``x[..., labels]`` for ``x`` of shape ``(..., C)`` and in-range ``labels`` ``(...)``.
 
     A gather, measured against a compare-and-select reduction (which avoids a scatter in the
     backward pass): on CPU the select's transpose materialises an ``(N, C)`` array that XLA does

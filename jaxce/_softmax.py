@@ -21,11 +21,11 @@ _SOFT_LABELS_HINT = " For probability targets use `softmax_cross_entropy`."
 class _Logits:
     """Logits brought into the ``(..., C)`` layout every formula uses."""
 
-    x: Array                  # (..., C), compute dtype
+    x: Array  # (..., C), compute dtype
     class_mask: Array | None  # (..., C) bool, True = class takes part
-    keep: Array | None        # batch-shaped: rows with at least one class, per `where`
+    keep: Array | None  # batch-shaped: rows with at least one class, per `where`
     layout: ClassLayout
-    shape: tuple[int, ...]    # original logits shape
+    shape: tuple[int, ...]  # original logits shape
 
     @property
     def num_classes(self) -> int:
@@ -110,30 +110,40 @@ def _class_weight_vector(class_weights, lg: _Logits) -> Array | None:
 
 def _integer_labels(labels, lg: _Logits) -> Array:
     labels = _checks.as_integer(labels, "labels", _SOFT_LABELS_HINT)
-    _checks.same_shape(labels, "labels", lg.batch_shape,
-                       f"`logits` {lg.shape} without the class axis {lg.layout.axes}")
+    _checks.same_shape(
+        labels,
+        "labels",
+        lg.batch_shape,
+        f"`logits` {lg.shape} without the class axis {lg.layout.axes}",
+    )
     return labels
 
 
-def _hard_targets(lg: _Logits, labels, *, ignore_index=None, class_weights=None,
-                  sample_weights=None):
+def _hard_targets(
+    lg: _Logits, labels, *, ignore_index=None, class_weights=None, sample_weights=None
+):
     """Validated integer labels: ``(lg with dropped rows neutralised, safe labels, Examples)``."""
     labels = _integer_labels(labels, lg)
     info, y = _reduce.integer_examples(
-        labels, lg.num_classes, lg.x.dtype, ignore_index=ignore_index,
-        class_weights=class_weights, sample_weights=sample_weights, keep=lg.keep,
-        class_mask=lg.class_mask)
+        labels,
+        lg.num_classes,
+        lg.x.dtype,
+        ignore_index=ignore_index,
+        class_weights=class_weights,
+        sample_weights=sample_weights,
+        keep=lg.keep,
+        class_mask=lg.class_mask,
+    )
     may_drop = ignore_index is not None or lg.keep is not None
     return lg.neutralised(info.keep if may_drop else None), y, info
 
 
 def _soft_targets(lg: _Logits, labels, sample_weights=None):
-    """Validated probability targets: ``(lg with dropped rows neutralised, t (..., C), Examples)``."""
+    """Validated probability targets: ``(lg, dropped rows neutralised; t (..., C); Examples)``."""
     labels = _checks.as_floating(labels, "labels")
     target = _checks.broadcastable(labels, "labels", lg.shape, "probabilities over `logits`")
     t = lg.layout.to_last(target.astype(lg.x.dtype))
-    info = _reduce.examples(lg.batch_shape, lg.x.dtype, keep=lg.keep,
-                            sample_weights=sample_weights)
+    info = _reduce.examples(lg.batch_shape, lg.x.dtype, keep=lg.keep, sample_weights=sample_weights)
     return lg.neutralised(lg.keep), t, info
 
 
@@ -234,9 +244,13 @@ def softmax_cross_entropy_with_integer_labels(
       Szegedy et al., *Rethinking the Inception Architecture* (label smoothing), 2016;
       Chowdhery et al., *PaLM* (z-loss), 2022.
     """
-    lg, y, info = _hard_targets(_prepare(logits, axis, where), labels,
-                                ignore_index=ignore_index, class_weights=class_weights,
-                                sample_weights=sample_weights)
+    lg, y, info = _hard_targets(
+        _prepare(logits, axis, where),
+        labels,
+        ignore_index=ignore_index,
+        class_weights=class_weights,
+        sample_weights=sample_weights,
+    )
     m, log_s = _log_normalizer(lg.x, lg.class_mask)
     nll = log_s + (m - _reduce.take_class(lg.x, y))
     weights = _class_weight_vector(class_weights, lg)
@@ -295,7 +309,8 @@ def softmax_cross_entropy(
       >>> import jaxce
       >>> p = jnp.array([0.9, 0.1])
       >>> q1, q2 = jnp.array([0.6, 0.4]), jnp.array([0.8, 0.2])
-      >>> bits = lambda target, pred: jaxce.softmax_cross_entropy(jnp.log(pred), target) / jnp.log(2)
+      >>> def bits(target, pred):
+      ...     return jaxce.softmax_cross_entropy(jnp.log(pred), target) / jnp.log(2)
       >>> [round(float(bits(p, q)), 4) for q in (q1, q2)]
       [0.7955, 0.5219]
       >>> round(float(bits(q2, p)), 4)  # not symmetric
@@ -306,8 +321,9 @@ def softmax_cross_entropy(
         t = (1 - label_smoothing) * t + label_smoothing / lg.count(keepdims=True)
     m, log_s = _log_normalizer(lg.x, lg.class_mask)
     log_p = _log_softmax(lg.x, m, log_s)
-    loss = -jnp.sum(_safe_product(t, log_p, lg.class_mask, _class_weight_vector(class_weights, lg)),
-                    axis=-1)
+    loss = -jnp.sum(
+        _safe_product(t, log_p, lg.class_mask, _class_weight_vector(class_weights, lg)), axis=-1
+    )
     loss = loss + _z_term(z_loss, m, log_s)
     return _reduce.finish(loss, info, reduction)
 
@@ -364,9 +380,13 @@ def nll_loss(
       >>> jaxce.nll_loss(jax.nn.log_softmax(logits), jnp.array([0, 2]))
       Array([0.3168, 0.6657], dtype=float32)
     """
-    lg, y, info = _hard_targets(_prepare(log_probs, axis, None, name="log_probs"), labels,
-                                ignore_index=ignore_index, class_weights=class_weights,
-                                sample_weights=sample_weights)
+    lg, y, info = _hard_targets(
+        _prepare(log_probs, axis, None, name="log_probs"),
+        labels,
+        ignore_index=ignore_index,
+        class_weights=class_weights,
+        sample_weights=sample_weights,
+    )
     loss = -_reduce.take_class(lg.x, y)
     weights = _class_weight_vector(class_weights, lg)
     if weights is not None:
@@ -520,8 +540,9 @@ def softmax_focal_loss(
     lg = _prepare(logits, axis, where)
     labels = jnp.asarray(labels)
     if jnp.issubdtype(labels.dtype, jnp.integer):
-        lg, y, info = _hard_targets(lg, labels, ignore_index=ignore_index,
-                                    sample_weights=sample_weights)
+        lg, y, info = _hard_targets(
+            lg, labels, ignore_index=ignore_index, sample_weights=sample_weights
+        )
         m, log_s = _log_normalizer(lg.x, lg.class_mask)
         log_p_y = (_reduce.take_class(lg.x, y) - m) - log_s
         loss = -_focal_factor(log_p_y, gamma) * log_p_y
@@ -535,7 +556,9 @@ def softmax_focal_loss(
     log_p = _log_softmax(lg.x, m, log_s)
     terms = _focal_factor(log_p, gamma) * _safe_product(t, log_p, lg.class_mask)
     if alpha is not None:
-        terms = terms * (_reduce.along_classes(_alpha(alpha, lg), terms) if jnp.ndim(alpha) else alpha)
+        terms = terms * (
+            _reduce.along_classes(_alpha(alpha, lg), terms) if jnp.ndim(alpha) else alpha
+        )
     return _reduce.finish(-jnp.sum(terms, axis=-1), info, reduction)
 
 

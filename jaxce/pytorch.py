@@ -217,8 +217,14 @@ def cross_entropy(
     if jnp.issubdtype(target.dtype, jnp.integer):
         target = _class_indices(target, input, num_classes, ignore_index)
         out = _softmax.softmax_cross_entropy_with_integer_labels(
-            input, target, axis=axis, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            class_weights=weight, reduction=core_reduction)
+            input,
+            target,
+            axis=axis,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            class_weights=weight,
+            reduction=core_reduction,
+        )
     elif jnp.issubdtype(target.dtype, jnp.floating):
         if target.shape != input.shape:
             raise ValueError(
@@ -231,8 +237,13 @@ def cross_entropy(
                 "`target`s; leave it at its default or pass class indices."
             )
         out = _softmax.softmax_cross_entropy(
-            input, target, axis=axis, label_smoothing=label_smoothing, class_weights=weight,
-            reduction=core_reduction)
+            input,
+            target,
+            axis=axis,
+            label_smoothing=label_smoothing,
+            class_weights=weight,
+            reduction=core_reduction,
+        )
     else:
         raise TypeError(
             f"`target` must hold class indices (integer dtype) or probabilities (floating "
@@ -285,14 +296,20 @@ def nll_loss(
     """
     input = _checks.as_floating(input, "input")
     target = _checks.as_integer(
-        target, "target", " `nll_loss` takes class indices; for probabilities use `cross_entropy`.")
+        target, "target", " `nll_loss` takes class indices; for probabilities use `cross_entropy`."
+    )
     _reduction(reduction)
     axis, _ = _class_layout(input)
     target = _class_indices(target, input, input.shape[axis], ignore_index)
     weight = _class_weight(weight, input.shape[axis])
     out = _softmax.nll_loss(
-        input, target, axis=axis, ignore_index=ignore_index, class_weights=weight,
-        reduction="none" if reduction == "none" else "sum_and_weight")
+        input,
+        target,
+        axis=axis,
+        ignore_index=ignore_index,
+        class_weights=weight,
+        reduction="none" if reduction == "none" else "sum_and_weight",
+    )
     return out if reduction == "none" else _reduce_parts(out, reduction)
 
 
@@ -376,7 +393,8 @@ def binary_cross_entropy(
             if values.size and not ((values >= 0) & (values <= 1)).all():
                 raise ValueError(f"every element of `{name}` must lie in [0, 1].")
     out = _binary.binary_cross_entropy(
-        input, target, sample_weights=weight, reduction="none" if reduction == "none" else "sum")
+        input, target, sample_weights=weight, reduction="none" if reduction == "none" else "sum"
+    )
     return _binary_reduce(out, reduction, input.size)
 
 
@@ -430,8 +448,12 @@ def binary_cross_entropy_with_logits(
     _reduction(reduction)
     weight = _elementwise_weight(weight, "weight", input)
     out = _binary.sigmoid_binary_cross_entropy(
-        input, target, pos_weight=pos_weight, sample_weights=weight,
-        reduction="none" if reduction == "none" else "sum")
+        input,
+        target,
+        pos_weight=pos_weight,
+        sample_weights=weight,
+        reduction="none" if reduction == "none" else "sum",
+    )
     return _binary_reduce(out, reduction, input.size)
 
 
@@ -500,8 +522,7 @@ def kl_div(
     # A trailing class axis of size 1 makes the core's per-example KL the pointwise term.
     input = jnp.broadcast_to(input, shape)[..., None]
     target = jnp.broadcast_to(target, shape)[..., None]
-    kl = (_divergence.kl_divergence_with_log_targets if log_target
-          else _divergence.kl_divergence)
+    kl = _divergence.kl_divergence_with_log_targets if log_target else _divergence.kl_divergence
     out = kl(input, target, axis=-1, reduction="none" if reduction == "none" else "sum")
     if reduction == "mean":
         return _elementwise_mean(out, math.prod(shape))

@@ -49,8 +49,7 @@ def check_grads_2(f, args, eps=1e-4, atol=1e-5, rtol=1e-5):
     """
     with jax.enable_x64(True):
         jargs = tuple(jax.numpy.asarray(np.asarray(a, np.float64)) for a in args)
-        check_grads(jax.jit(f), jargs, order=2, modes=("fwd", "rev"), eps=eps, atol=atol,
-                    rtol=rtol)
+        check_grads(jax.jit(f), jargs, order=2, modes=("fwd", "rev"), eps=eps, atol=atol, rtol=rtol)
 
 
 def check_half_precision_policy(f, a, b, dtype, rtol, atol):
@@ -62,8 +61,9 @@ def check_half_precision_policy(f, a, b, dtype, rtol, atol):
     ah, bh = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
     got = f(ah, bh)
     assert got.dtype == jnp.float32
-    np.testing.assert_allclose(got, f(np.asarray(ah, np.float32), np.asarray(bh, np.float32)),
-                               rtol=rtol, atol=atol)
+    np.testing.assert_allclose(
+        got, f(np.asarray(ah, np.float32), np.asarray(bh, np.float32)), rtol=rtol, atol=atol
+    )
     assert jax.grad(lambda v: jnp.sum(f(v, bh)))(ah).dtype == dtype
 
 
@@ -74,4 +74,3 @@ def assert_close(got, want, rtol=1e-5, atol=1e-6):
             np.testing.assert_allclose(np.asarray(g), w, rtol=rtol, atol=atol)
     else:
         np.testing.assert_allclose(np.asarray(got), want, rtol=rtol, atol=atol)
-

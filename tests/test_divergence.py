@@ -529,4 +529,3 @@ def test_kl_divergence_negative_target_is_nan_for_that_example_only():
     assert np.isnan(got[1]) and np.isfinite(got[0]) and np.isfinite(got[2])
     np.testing.assert_allclose(got[0], 0.5 * np.log(2) * 2, rtol=1e-6)
     assert np.isnan(jaxce.kl_divergence(log_q, p, reduction="mean"))
-

@@ -47,13 +47,14 @@ def materialised(h, w, y, *, bias=None, logit_softcap=None, **kw):
 
 def value_and_grads(loss, h, w, b, y, **kw):
     """Value and grads (hidden, weight, bias) of sum(loss(...)) with a fixed random cotangent."""
+
     def scalar(h, w, b):
         out = loss(h, w, y, bias=b, **kw)
         if out.ndim:
             out = out * jnp.linspace(0.5, 1.5, out.size, dtype=out.dtype).reshape(out.shape)
         return jnp.sum(out), out
-    (_, out), grads = jax.jit(jax.value_and_grad(scalar, argnums=(0, 1, 2), has_aux=True))(
-        h, w, b)
+
+    (_, out), grads = jax.jit(jax.value_and_grad(scalar, argnums=(0, 1, 2), has_aux=True))(h, w, b)
     return out, grads
 
 
@@ -76,11 +77,17 @@ CASES = [
 
 
 @pytest.mark.parametrize("eps,zl,cap,ignore_frac,weighted,with_bias,reduction,chunk", CASES)
-def test_matches_materialised_float32(rng, eps, zl, cap, ignore_frac, weighted, with_bias,
-                                      reduction, chunk):
+def test_matches_materialised_float32(
+    rng, eps, zl, cap, ignore_frac, weighted, with_bias, reduction, chunk
+):
     h, w, b, y, sw = make(rng, ignore_frac=ignore_frac)
-    kw = {"label_smoothing": eps, "z_loss": zl, "logit_softcap": cap, "ignore_index": -100,
-              "sample_weights": sw if weighted else None}
+    kw = {
+        "label_smoothing": eps,
+        "z_loss": zl,
+        "logit_softcap": cap,
+        "ignore_index": -100,
+        "sample_weights": sw if weighted else None,
+    }
     bias = b if with_bias else np.zeros_like(b)
     if reduction == "sum_and_weight":
         got = fused(h, w, y, bias=bias, reduction=reduction, chunk_size=chunk, **kw)
@@ -92,21 +99,28 @@ def test_matches_materialised_float32(rng, eps, zl, cap, ignore_frac, weighted, 
     ref, ref_grads = value_and_grads(materialised, h, w, bias, y, reduction=reduction, **kw)
     assert out.dtype == jnp.float32 and out.shape == ref.shape
     assert_close(out, ref, what="value")
-    for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads, strict=True):
         assert g.dtype == jnp.float32
         assert_close(g, r, what=name)
     if ignore_frac == 1.0:
         assert float(out) == 0.0 and all(not np.any(np.asarray(g)) for g in grads)
 
 
-@pytest.mark.parametrize("eps,zl,cap,reduction", [(0.0, 0.0, None, "none"),
-                                                  (0.1, 1e-3, 5.0, "mean")])
+@pytest.mark.parametrize(
+    "eps,zl,cap,reduction", [(0.0, 0.0, None, "none"), (0.1, 1e-3, 5.0, "mean")]
+)
 def test_bfloat16_no_worse_than_materialised_bfloat16(rng, eps, zl, cap, reduction):
     h, w, b, y, sw = make(rng, ignore_frac=0.2)
     hb, wb, bb = (jnp.asarray(a, jnp.bfloat16) for a in (h, w, b))
     h32, w32, b32 = (a.astype(jnp.float32) for a in (hb, wb, bb))
-    kw = {"label_smoothing": eps, "z_loss": zl, "logit_softcap": cap, "ignore_index": -100,
-              "sample_weights": sw, "reduction": reduction}
+    kw = {
+        "label_smoothing": eps,
+        "z_loss": zl,
+        "logit_softcap": cap,
+        "ignore_index": -100,
+        "sample_weights": sw,
+        "reduction": reduction,
+    }
     out, grads = value_and_grads(fused, hb, wb, bb, y, chunk_size=128, **kw)
     ref32, grads32 = value_and_grads(materialised, h32, w32, b32, y, **kw)
     ref16, grads16 = value_and_grads(materialised, hb, wb, bb, y, **kw)
@@ -116,8 +130,13 @@ def test_bfloat16_no_worse_than_materialised_bfloat16(rng, eps, zl, cap, reducti
     def err(a, b):
         return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
 
-    for name, a, r32, r16 in zip(("value", "hidden", "weight", "bias"), (out, *grads),
-                                 (ref32, *grads32), (ref16, *grads16)):
+    for name, a, r32, r16 in zip(
+        ("value", "hidden", "weight", "bias"),
+        (out, *grads),
+        (ref32, *grads32),
+        (ref16, *grads16),
+        strict=True,
+    ):
         tol = 1e-3 * max(1.0, float(jnp.max(jnp.abs(r32))))
         assert err(a, r32) <= err(r16, r32) + tol, name
 
@@ -144,13 +163,25 @@ def test_float64_against_numpy_formula(rng):
     du = dz * (1 - (z / cap) ** 2) * (wt / np.sum(wt))[:, None]
     want = (value, du @ w.T, h.T @ du, du.sum(axis=0))
     with jax.enable_x64(True):
+
         def f(h, w, b):
-            return fused(h, w, jnp.asarray(y), bias=b, ignore_index=-100, label_smoothing=eps,
-                         z_loss=zl, logit_softcap=cap, sample_weights=jnp.asarray(sw),
-                         reduction="mean", chunk_size=16)
+            return fused(
+                h,
+                w,
+                jnp.asarray(y),
+                bias=b,
+                ignore_index=-100,
+                label_smoothing=eps,
+                z_loss=zl,
+                logit_softcap=cap,
+                sample_weights=jnp.asarray(sw),
+                reduction="mean",
+                chunk_size=16,
+            )
+
         val, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(*map(jnp.asarray, (h, w, b)))
         assert val.dtype == jnp.float64
-        for got, ref in zip((val, *grads), want):
+        for got, ref in zip((val, *grads), want, strict=True):
             np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-10, atol=1e-12)
 
 
@@ -179,10 +210,13 @@ def test_leading_axes_tied_embedding_and_transforms(rng):
     def batched(loss, w, **kw):
         per = jax.vmap(lambda hb, yb: loss(hb, w, yb, reduction="mean", **kw))(h, y)
         return jnp.sum(per * jnp.arange(1.0, bsz + 1.0)), per
-    (_, per), gw = jax.jit(jax.value_and_grad(
-        lambda w: batched(fused, w, chunk_size=128), has_aux=True))(emb.T)
-    (_, ref_per), ref_gw = jax.value_and_grad(lambda w: batched(materialised, w),
-                                              has_aux=True)(emb.T)
+
+    (_, per), gw = jax.jit(
+        jax.value_and_grad(lambda w: batched(fused, w, chunk_size=128), has_aux=True)
+    )(emb.T)
+    (_, ref_per), ref_gw = jax.value_and_grad(lambda w: batched(materialised, w), has_aux=True)(
+        emb.T
+    )
     assert_close(per, ref_per)
     assert_close(gw, ref_gw)
 
@@ -244,19 +278,28 @@ def test_forward_mode_is_refused(rng):
 
 def test_memory_is_o_chunk():
     n, d, v = 4096, 256, 32768
-    args = (jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
-            jax.ShapeDtypeStruct((n,), jnp.int32))
-    f = jax.jit(jax.value_and_grad(
-        lambda h, w, y: fused(h, w, y, label_smoothing=0.1, reduction="mean"), argnums=(0, 1)))
+    args = (
+        jax.ShapeDtypeStruct((n, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, v), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    f = jax.jit(
+        jax.value_and_grad(
+            lambda h, w, y: fused(h, w, y, label_smoothing=0.1, reduction="mean"), argnums=(0, 1)
+        )
+    )
     compiled = f.lower(*args).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp <= n * v * 4 / 8, temp
-    sizes = [int(np.prod([int(s) for s in dims.split(",")]))
-             for dims in re.findall(r"\b(?:f32|bf16|f16|s32|pred)\[([\d,]+)\]", compiled.as_text())]
+    sizes = [
+        int(np.prod([int(s) for s in dims.split(",")]))
+        for dims in re.findall(r"\b(?:f32|bf16|f16|s32|pred)\[([\d,]+)\]", compiled.as_text())
+    ]
     assert sizes and max(sizes) < n * v, max(sizes)
     # The check can fail: the materialised loss holds the logits.
-    naive = jax.jit(jax.value_and_grad(
-        lambda h, w, y: materialised(h, w, y, reduction="mean"), argnums=(0, 1)))
+    naive = jax.jit(
+        jax.value_and_grad(lambda h, w, y: materialised(h, w, y, reduction="mean"), argnums=(0, 1))
+    )
     assert naive.lower(*args).compile().memory_analysis().temp_size_in_bytes > n * v * 4
 
 
@@ -331,9 +374,16 @@ _SHARDED = textwrap.dedent("""
 
 
 def test_vocab_parallel_shard_map_matches_unsharded():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARDED],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.split() == ["ok", "1", "ok", "2", "ok", "4", "ok", "8"]

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxce import pytorch
+
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
-
-from jaxce import pytorch
 
 RTOL = ATOL = 2e-5
 C = 5
@@ -39,8 +39,9 @@ def _torch(x, dtype=None):
 
 
 def _close(actual, expected, rtol=RTOL, atol=ATOL):
-    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=rtol, atol=atol,
-                               equal_nan=True)
+    np.testing.assert_allclose(
+        np.asarray(actual), np.asarray(expected), rtol=rtol, atol=atol, equal_nan=True
+    )
 
 
 def _target_shape(shape):
@@ -103,17 +104,24 @@ def _values_and_grads(x, cot, kwargs, *, loss, reductions):
     return results
 
 
-def _parity_grid(loss, torch_loss, x, kwargs, torch_kwargs, rng,
-                 reductions=("none", "sum", "mean")):
+def _parity_grid(
+    loss, torch_loss, x, kwargs, torch_kwargs, rng, reductions=("none", "sum", "mean")
+):
     """Values and input gradients of ``loss`` vs ``torch_loss`` for every reduction."""
     kwargs = {k: (None if v is None else jnp.asarray(v)) for k, v in kwargs.items()}
     shape = jax.eval_shape(lambda v: loss(v, reduction="none", **kwargs), x).shape
     cot = rng.normal(size=shape).astype(np.float32)
-    results = _values_and_grads(jnp.asarray(x), jnp.asarray(cot), kwargs, loss=loss,
-                                reductions=reductions)
+    results = _values_and_grads(
+        jnp.asarray(x), jnp.asarray(cot), kwargs, loss=loss, reductions=reductions
+    )
     for reduction, (out, grad) in results.items():
-        _check_torch(lambda v, r=reduction: torch_loss(v, reduction=r, **torch_kwargs), x,
-                     cot if out.ndim else None, out, grad)
+        _check_torch(
+            lambda v, r=reduction: torch_loss(v, reduction=r, **torch_kwargs),
+            x,
+            cot if out.ndim else None,
+            out,
+            grad,
+        )
     return {reduction: out for reduction, (out, _) in results.items()}
 
 
@@ -123,12 +131,18 @@ def _ce_grid(x, target, rng, weight=None, label_smoothing=0.0, ignore_index=-100
     weight = weight if pass_weight else np.ones(x.shape[0 if x.ndim == 1 else 1], np.float32)
     index = np.issubdtype(np.asarray(target).dtype, np.integer)
     return _parity_grid(
-        _static(pytorch.cross_entropy, ignore_index=ignore_index), F.cross_entropy, x,
+        _static(pytorch.cross_entropy, ignore_index=ignore_index),
+        F.cross_entropy,
+        x,
         {"target": target, "weight": weight, "label_smoothing": np.float32(label_smoothing)},
-        {"target": _torch(target, np.int64) if index else _torch(target),
-         "weight": _torch(weight) if pass_weight else None,
-         "label_smoothing": label_smoothing, "ignore_index": ignore_index},
-        rng)
+        {
+            "target": _torch(target, np.int64) if index else _torch(target),
+            "weight": _torch(weight) if pass_weight else None,
+            "label_smoothing": label_smoothing,
+            "ignore_index": ignore_index,
+        },
+        rng,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,8 +198,14 @@ def test_all_ignored_mean_is_nan_like_torch(rng):
     for label_smoothing in (0.0, 0.1):
         out = _ce_grid(x, y, rng, w, label_smoothing)
         assert np.isnan(out["mean"]) and out["sum"] == 0.0
-    _parity_grid(_static(pytorch.nll_loss, ignore_index=-100), F.nll_loss, x,
-                 {"target": y, "weight": w}, {"target": yt, "weight": _torch(w)}, rng)
+    _parity_grid(
+        _static(pytorch.nll_loss, ignore_index=-100),
+        F.nll_loss,
+        x,
+        {"target": y, "weight": w},
+        {"target": yt, "weight": _torch(w)},
+        rng,
+    )
 
 
 def test_unbatched_input(rng):
@@ -193,9 +213,14 @@ def test_unbatched_input(rng):
     w = rng.uniform(0.5, 2, C).astype(np.float32)
     for y in (np.int32(3), np.int32(-100)):  # the ignored one has a NaN mean in both
         _ce_grid(x, y, rng, w, 0.1)
-        _parity_grid(_static(pytorch.nll_loss, ignore_index=-100), F.nll_loss, x,
-                     {"target": y, "weight": w}, {"target": _torch(y, np.int64),
-                                                  "weight": _torch(w)}, rng)
+        _parity_grid(
+            _static(pytorch.nll_loss, ignore_index=-100),
+            F.nll_loss,
+            x,
+            {"target": y, "weight": w},
+            {"target": _torch(y, np.int64), "weight": _torch(w)},
+            rng,
+        )
     _ce_grid(x, _prob_target(rng, (C,)), rng, w, 0.1)
     out = jax.eval_shape(lambda v: pytorch.cross_entropy(v, np.int32(3), reduction="none"), x)
     assert out.shape == ()
@@ -219,8 +244,10 @@ def test_probability_targets_with_non_negative_ignore_index_raise_like_torch(rng
     with pytest.raises(ValueError, match="ignore_index"):
         pytorch.cross_entropy(x, p, ignore_index=0)
     # negative values are accepted (and have no effect) in both
-    _close(pytorch.cross_entropy(x, p, ignore_index=-1),
-           F.cross_entropy(_torch(x), _torch(p), ignore_index=-1))
+    _close(
+        pytorch.cross_entropy(x, p, ignore_index=-1),
+        F.cross_entropy(_torch(x), _torch(p), ignore_index=-1),
+    )
 
 
 def test_weight_label_smoothing_and_ignore_index_together(rng):
@@ -247,8 +274,10 @@ def test_out_of_range_index_raises_eagerly_and_is_nan_under_jit(rng, bad):
         assert np.isnan(per_example[1]) and np.isfinite(per_example[[0, 2]]).all()
         assert np.isnan(jax.jit(fn)(x, y))
     # the same value as `ignore_index` is fine, in both libraries
-    _close(pytorch.cross_entropy(x, y, ignore_index=bad),
-           F.cross_entropy(_torch(x), _torch(y, np.int64), ignore_index=bad))
+    _close(
+        pytorch.cross_entropy(x, y, ignore_index=bad),
+        F.cross_entropy(_torch(x), _torch(y, np.int64), ignore_index=bad),
+    )
 
 
 def test_jit_equals_eager_and_torch(rng):
@@ -256,8 +285,9 @@ def test_jit_equals_eager_and_torch(rng):
     y = _index_target(rng, x.shape, -100)
     w = rng.uniform(0.5, 2, C).astype(np.float32)
     f = jax.jit(lambda v: pytorch.cross_entropy(v, y, weight=w, label_smoothing=0.1))
-    expected = F.cross_entropy(_torch(x), _torch(y, np.int64), weight=_torch(w),
-                               label_smoothing=0.1)
+    expected = F.cross_entropy(
+        _torch(x), _torch(y, np.int64), weight=_torch(w), label_smoothing=0.1
+    )
     _close(f(x), expected)
     _close(pytorch.cross_entropy(x, y, weight=w, label_smoothing=0.1), expected)
 
@@ -308,10 +338,17 @@ def test_nll_loss_parity(shape, ignore_index):
     for weighted in (False, True):
         weight, pass_weight = _weight(rng, weighted)
         _parity_grid(
-            loss, F.nll_loss, x, {"target": y, "weight": weight},
-            {"target": _torch(y, np.int64), "weight": _torch(weight) if pass_weight else None,
-             "ignore_index": ignore_index},
-            rng)
+            loss,
+            F.nll_loss,
+            x,
+            {"target": y, "weight": weight},
+            {
+                "target": _torch(y, np.int64),
+                "weight": _torch(weight) if pass_weight else None,
+                "ignore_index": ignore_index,
+            },
+            rng,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,10 +371,16 @@ def test_binary_cross_entropy_parity(shape):
     for hard, weighted in itertools.product([False, True], [False, True]):
         y = _binary_target(rng, shape, hard)
         # a weight along the last axis, broadcast as PyTorch does; ones stand for `None`
-        weight = (rng.uniform(0.2, 2, shape[-1:]) if weighted else np.ones(shape[-1:]))
+        weight = rng.uniform(0.2, 2, shape[-1:]) if weighted else np.ones(shape[-1:])
         weight = weight.astype(np.float32)
-        _parity_grid(loss, F.binary_cross_entropy, x, {"target": y, "weight": weight},
-                     {"target": _torch(y), "weight": _torch(weight) if weighted else None}, rng)
+        _parity_grid(
+            loss,
+            F.binary_cross_entropy,
+            x,
+            {"target": y, "weight": weight},
+            {"target": _torch(y), "weight": _torch(weight) if weighted else None},
+            rng,
+        )
 
 
 @pytest.mark.parametrize("shape", BINARY_SHAPES, ids=str)
@@ -349,24 +392,38 @@ def test_binary_cross_entropy_with_logits_parity(shape):
         y = _binary_target(rng, shape, hard)
         weight = rng.uniform(0.2, 2, shape) if weighted else np.ones(shape)
         weight = weight.astype(np.float32)
-        pos = (rng.uniform(0.2, 4, shape[-1:]) if pos_weighted else np.ones(shape[-1:]))
+        pos = rng.uniform(0.2, 4, shape[-1:]) if pos_weighted else np.ones(shape[-1:])
         pos = pos.astype(np.float32)
         _parity_grid(
-            loss, F.binary_cross_entropy_with_logits, x,
+            loss,
+            F.binary_cross_entropy_with_logits,
+            x,
             {"target": y, "weight": weight, "pos_weight": pos},
-            {"target": _torch(y), "weight": _torch(weight) if weighted else None,
-             "pos_weight": _torch(pos) if pos_weighted else None},
-            rng)
+            {
+                "target": _torch(y),
+                "weight": _torch(weight) if weighted else None,
+                "pos_weight": _torch(pos) if pos_weighted else None,
+            },
+            rng,
+        )
 
 
 def test_binary_losses_defaults_and_none_weights_match_torch(rng):
     p = rng.uniform(0.05, 0.95, (4, C)).astype(np.float32)
     logits = rng.normal(size=(4, C)).astype(np.float32)
     y = _binary_target(rng, (4, C), hard=False)
-    _compare(lambda v: pytorch.binary_cross_entropy(v, y),
-             lambda v: F.binary_cross_entropy(v, _torch(y)), p, rng)
-    _compare(lambda v: pytorch.binary_cross_entropy_with_logits(v, y),
-             lambda v: F.binary_cross_entropy_with_logits(v, _torch(y)), logits, rng)
+    _compare(
+        lambda v: pytorch.binary_cross_entropy(v, y),
+        lambda v: F.binary_cross_entropy(v, _torch(y)),
+        p,
+        rng,
+    )
+    _compare(
+        lambda v: pytorch.binary_cross_entropy_with_logits(v, y),
+        lambda v: F.binary_cross_entropy_with_logits(v, _torch(y)),
+        logits,
+        rng,
+    )
 
 
 def test_binary_cross_entropy_clamps_logs_like_torch():
@@ -374,9 +431,10 @@ def test_binary_cross_entropy_clamps_logs_like_torch():
     y = np.array([1.0, 0.0, 0.0, 1.0, 1.0, 0.3], np.float32)
     w = np.array([1.0, 2.0, 3.0, 4.0, 0.5, 1.0], np.float32)
     for reduction in ("none", "sum", "mean"):
-        _close(pytorch.binary_cross_entropy(p, y, weight=w, reduction=reduction),
-               F.binary_cross_entropy(_torch(p), _torch(y), weight=_torch(w),
-                                      reduction=reduction))
+        _close(
+            pytorch.binary_cross_entropy(p, y, weight=w, reduction=reduction),
+            F.binary_cross_entropy(_torch(p), _torch(y), weight=_torch(w), reduction=reduction),
+        )
 
 
 def test_binary_mean_is_mean_of_weighted_losses_not_weighted_mean(rng):
@@ -395,9 +453,12 @@ def test_pos_weight_broadcasts_over_channels_like_torch(rng):
     x = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
     y = _binary_target(rng, x.shape, hard=True)
     pos = rng.uniform(0.5, 3, (3, 1, 1)).astype(np.float32)
-    _compare(lambda v: pytorch.binary_cross_entropy_with_logits(v, y, pos_weight=pos),
-             lambda v: F.binary_cross_entropy_with_logits(v, _torch(y), pos_weight=_torch(pos)),
-             x, rng)
+    _compare(
+        lambda v: pytorch.binary_cross_entropy_with_logits(v, y, pos_weight=pos),
+        lambda v: F.binary_cross_entropy_with_logits(v, _torch(y), pos_weight=_torch(pos)),
+        x,
+        rng,
+    )
 
 
 def test_binary_bad_arguments_raise(rng):
@@ -422,7 +483,8 @@ def test_binary_bad_arguments_raise(rng):
     bad = p.copy()
     bad[0, 0] = 1.5
     out = jax.jit(pytorch.binary_cross_entropy, static_argnames="reduction")(
-        bad, y, reduction="none")
+        bad, y, reduction="none"
+    )
     assert np.isnan(np.asarray(out)[0, 0])
 
 
@@ -446,9 +508,15 @@ def test_kl_div_parity(shape, log_target):
     if not log_target:
         p = np.where(rng.random(shape) < 0.2, 0.0, p).astype(np.float32)  # 0 log 0 = 0
     target = np.log(p) if log_target else p
-    _parity_grid(_static(pytorch.kl_div, log_target=log_target), F.kl_div, x,
-                 {"target": target}, {"target": _torch(target), "log_target": log_target}, rng,
-                 reductions=KL_REDUCTIONS)
+    _parity_grid(
+        _static(pytorch.kl_div, log_target=log_target),
+        F.kl_div,
+        x,
+        {"target": target},
+        {"target": _torch(target), "log_target": log_target},
+        rng,
+        reductions=KL_REDUCTIONS,
+    )
 
 
 @pytest.mark.filterwarnings(KL_MEAN_WARNING)
@@ -457,14 +525,18 @@ def test_kl_div_batchmean_is_sum_over_first_dimension(rng):
     p = _prob_target(rng, (4, C, 3))
     expected = F.kl_div(_torch(x), _torch(p), reduction="sum") / 4
     _close(pytorch.kl_div(x, p, reduction="batchmean"), expected)
-    _close(pytorch.kl_div(x, p, reduction="batchmean"),
-           F.kl_div(_torch(x), _torch(p), reduction="batchmean"))
+    _close(
+        pytorch.kl_div(x, p, reduction="batchmean"),
+        F.kl_div(_torch(x), _torch(p), reduction="batchmean"),
+    )
     # "mean" divides by every element, batchmean by the batch only
     _close(pytorch.kl_div(x, p, reduction="mean"), expected / (C * 3))
     _close(pytorch.kl_div(x, p), expected / (C * 3))  # default reduction is "mean"
     # a scalar input: batchmean divides by 1, as in PyTorch
-    _close(pytorch.kl_div(np.float32(-1.2), np.float32(0.5), reduction="batchmean"),
-           F.kl_div(torch.tensor(-1.2), torch.tensor(0.5), reduction="batchmean"))
+    _close(
+        pytorch.kl_div(np.float32(-1.2), np.float32(0.5), reduction="batchmean"),
+        F.kl_div(torch.tensor(-1.2), torch.tensor(0.5), reduction="batchmean"),
+    )
 
 
 @pytest.mark.filterwarnings(KL_MEAN_WARNING)
@@ -472,8 +544,12 @@ def test_kl_div_broadcasts_like_torch(rng):
     x = np.log(_prob_target(rng, (C,)))
     p = _prob_target(rng, (3, C))
     for reduction in KL_REDUCTIONS:
-        _compare(lambda v, r=reduction: pytorch.kl_div(v, p, reduction=r),
-                 lambda v, r=reduction: F.kl_div(v, _torch(p), reduction=r), x, rng)
+        _compare(
+            lambda v, r=reduction: pytorch.kl_div(v, p, reduction=r),
+            lambda v, r=reduction: F.kl_div(v, _torch(p), reduction=r),
+            x,
+            rng,
+        )
     with pytest.raises(ValueError, match="input"):
         pytorch.kl_div(x, p[:, :2])
     with pytest.raises(ValueError, match="reduction"):

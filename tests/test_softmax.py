@@ -31,8 +31,9 @@ def _ref_inputs(x, cw, sw, mask):
     return x, cw, sw, mask
 
 
-def ref_integer_ce(x, y, *, mask=None, ignore_index=None, eps=0.0, cw=None, sw=None, z=0.0,
-                   reduction="none"):
+def ref_integer_ce(
+    x, y, *, mask=None, ignore_index=None, eps=0.0, cw=None, sw=None, z=0.0, reduction="none"
+):
     """Float64 reference of softmax_cross_entropy_with_integer_labels, classes last."""
     x, cw, sw, mask = _ref_inputs(x, cw, sw, mask)
     n_rows, n_cls = x.shape
@@ -99,8 +100,14 @@ INTEGER_OPTIONS = {
     "where": {"where": True},
     "sample_weights": {"sample_weights": True},
     "z_loss": {"z_loss": 1e-2},
-    "everything": {"label_smoothing": 0.1, "class_weights": True, "ignore_index": 2,
-                   "where": True, "sample_weights": True, "z_loss": 1e-2},
+    "everything": {
+        "label_smoothing": 0.1,
+        "class_weights": True,
+        "ignore_index": 2,
+        "where": True,
+        "sample_weights": True,
+        "z_loss": 1e-2,
+    },
 }
 
 
@@ -137,8 +144,10 @@ def test_integer_ce_matches_float64_reference(name, reduction):
 def test_integer_ce_grads_order_2(name):
     x, y, _, mask, cw, sw = data(2)
     kw, _ = _integer_call(INTEGER_OPTIONS[name], x, y, mask, cw, sw)
-    kw = {k: (np.asarray(v, np.float64) if k in ("class_weights", "sample_weights") else v)
-          for k, v in kw.items()}
+    kw = {
+        k: (np.asarray(v, np.float64) if k in ("class_weights", "sample_weights") else v)
+        for k, v in kw.items()
+    }
 
     def f(logits):
         return jaxce.softmax_cross_entropy_with_integer_labels(logits, y, reduction="mean", **kw)
@@ -150,8 +159,11 @@ def test_integer_ce_z_loss_gradient_matches_formula():
     x, y, *_ = data(3)
     with jax.enable_x64(True):
         x64 = jnp.asarray(x, jnp.float64)
-        g = jax.grad(lambda v: jaxce.softmax_cross_entropy_with_integer_labels(
-            v, y, z_loss=0.5, reduction="sum"))(x64)
+        g = jax.grad(
+            lambda v: jaxce.softmax_cross_entropy_with_integer_labels(
+                v, y, z_loss=0.5, reduction="sum"
+            )
+        )(x64)
     p = np.exp(log_softmax(x))
     lse = np.log(np.exp(x.astype(np.float64)).sum(-1, keepdims=True))
     want = p - np.eye(C)[y] + 0.5 * 2 * lse * p
@@ -160,8 +172,14 @@ def test_integer_ce_z_loss_gradient_matches_formula():
 
 def test_jit_equals_eager():
     x, y, _, mask, cw, sw = data(4)
-    f = functools.partial(jaxce.softmax_cross_entropy_with_integer_labels, label_smoothing=0.1,
-                          class_weights=cw, sample_weights=sw, ignore_index=1, z_loss=1e-3)
+    f = functools.partial(
+        jaxce.softmax_cross_entropy_with_integer_labels,
+        label_smoothing=0.1,
+        class_weights=cw,
+        sample_weights=sw,
+        ignore_index=1,
+        z_loss=1e-3,
+    )
     np.testing.assert_allclose(jax.jit(f)(x, y, where=mask), f(x, y, where=mask), rtol=1e-6)
     g = functools.partial(jaxce.softmax_cross_entropy, label_smoothing=0.1, class_weights=cw)
     t = data(4)[2]
@@ -173,8 +191,9 @@ def test_vmap_over_batch_and_spatial_axes():
     x = rng.normal(size=(3, C, 4, 2)).astype(np.float32)  # (N, C, H, W), classes on axis 1
     y = rng.integers(0, C, size=(3, 4, 2))
     t = np.asarray(jax.nn.softmax(jnp.asarray(rng.normal(size=x.shape)), axis=1))
-    integer = functools.partial(jaxce.softmax_cross_entropy_with_integer_labels,
-                                label_smoothing=0.1)
+    integer = functools.partial(
+        jaxce.softmax_cross_entropy_with_integer_labels, label_smoothing=0.1
+    )
     soft = jaxce.softmax_cross_entropy
 
     @jax.jit
@@ -200,12 +219,16 @@ def test_moved_class_axis_equals_moveaxis(axis):
     y = rng.integers(0, C, size=(3, 4))
     moved = np.moveaxis(last, -1, axis)
     want = jaxce.softmax_cross_entropy_with_integer_labels(last, y, class_weights=data()[4])
-    got = jaxce.softmax_cross_entropy_with_integer_labels(moved, y, axis=axis,
-                                                          class_weights=data()[4])
+    got = jaxce.softmax_cross_entropy_with_integer_labels(
+        moved, y, axis=axis, class_weights=data()[4]
+    )
     np.testing.assert_allclose(got, want, rtol=1e-6)
     t = rng.dirichlet(np.ones(C), size=(3, 4))
-    np.testing.assert_allclose(jaxce.softmax_cross_entropy(moved, np.moveaxis(t, -1, axis), axis=axis),
-                               jaxce.softmax_cross_entropy(last, t), rtol=1e-6)
+    np.testing.assert_allclose(
+        jaxce.softmax_cross_entropy(moved, np.moveaxis(t, -1, axis), axis=axis),
+        jaxce.softmax_cross_entropy(last, t),
+        rtol=1e-6,
+    )
 
 
 def test_where_equals_boolean_indexing():
@@ -215,8 +238,9 @@ def test_where_equals_boolean_indexing():
     kept = np.flatnonzero(keep)
     y_kept = rng.integers(0, kept.size, size=4)
     y_full = kept[y_kept]
-    got = jaxce.softmax_cross_entropy_with_integer_labels(x, y_full, where=keep[None, :],
-                                                          label_smoothing=0.2)
+    got = jaxce.softmax_cross_entropy_with_integer_labels(
+        x, y_full, where=keep[None, :], label_smoothing=0.2
+    )
     want = jaxce.softmax_cross_entropy_with_integer_labels(x[:, keep], y_kept, label_smoothing=0.2)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     t_kept = rng.dirichlet(np.ones(kept.size), size=4).astype(np.float32)
@@ -224,7 +248,9 @@ def test_where_equals_boolean_indexing():
     t_full[:, keep] = t_kept
     np.testing.assert_allclose(
         jaxce.softmax_cross_entropy(x, t_full, where=keep[None, :], label_smoothing=0.2),
-        jaxce.softmax_cross_entropy(x[:, keep], t_kept, label_smoothing=0.2), rtol=1e-6)
+        jaxce.softmax_cross_entropy(x[:, keep], t_kept, label_smoothing=0.2),
+        rtol=1e-6,
+    )
 
 
 def test_example_mask_where_drops_examples():
@@ -242,11 +268,13 @@ def test_tuple_axis_matches_optax_and_flat_index():
     x = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)
     y = rng.integers(0, 15, size=(2, 4))
     got = jaxce.softmax_cross_entropy_with_integer_labels(x, y, axis=(1, 3))
-    np.testing.assert_allclose(got, optax.softmax_cross_entropy_with_integer_labels(x, y, axis=(1, 3)),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        got, optax.softmax_cross_entropy_with_integer_labels(x, y, axis=(1, 3)), rtol=1e-5
+    )
     flat = np.transpose(x, (0, 2, 1, 3)).reshape(2, 4, 15)
-    np.testing.assert_allclose(got, ref_integer_ce(flat.reshape(8, 15), y.reshape(8)).reshape(2, 4),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        got, ref_integer_ce(flat.reshape(8, 15), y.reshape(8)).reshape(2, 4), rtol=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------- soft labels
@@ -259,8 +287,13 @@ SOFT_OPTIONS = {
     "z_loss": {"z": 1e-2},
     "everything": {"eps": 0.1, "cw": True, "mask": True, "sw": True, "z": 1e-2},
 }
-_SOFT_KW = {"eps": "label_smoothing", "cw": "class_weights", "mask": "where",
-            "sw": "sample_weights", "z": "z_loss"}
+_SOFT_KW = {
+    "eps": "label_smoothing",
+    "cw": "class_weights",
+    "mask": "where",
+    "sw": "sample_weights",
+    "z": "z_loss",
+}
 
 
 def _soft_call(options, mask, cw, sw):
@@ -275,27 +308,35 @@ def test_soft_ce_matches_float64_reference(name, reduction):
     x, _, t, mask, cw, sw = data(10)
     kw, ref = _soft_call(SOFT_OPTIONS[name], mask, cw, sw)
     got = jaxce.softmax_cross_entropy(x, t, reduction=reduction, **kw)
-    np.testing.assert_allclose(got, ref_soft_ce(x, t, reduction=reduction, **ref),
-                               rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(
+        got, ref_soft_ce(x, t, reduction=reduction, **ref), rtol=2e-6, atol=2e-6
+    )
 
 
 @pytest.mark.parametrize("name", ["plain", "everything"])
 def test_soft_ce_grads_order_2(name):
     x, _, t, mask, cw, sw = data(11)
     kw, _ = _soft_call(SOFT_OPTIONS[name], mask, cw, sw)
-    kw = {k: (np.asarray(v, np.float64) if k in ("class_weights", "sample_weights") else v)
-          for k, v in kw.items()}
-    check_grads_2(lambda logits, target: jaxce.softmax_cross_entropy(
-        logits, target, reduction="mean", **kw), (x, t))
+    kw = {
+        k: (np.asarray(v, np.float64) if k in ("class_weights", "sample_weights") else v)
+        for k, v in kw.items()
+    }
+    check_grads_2(
+        lambda logits, target: jaxce.softmax_cross_entropy(logits, target, reduction="mean", **kw),
+        (x, t),
+    )
 
 
 def test_soft_ce_with_onehot_equals_integer_ce():
     x, y, *_ = data(12)
     onehot = np.eye(C, dtype=np.float32)[y]
     for kw in ({}, {"label_smoothing": 0.3}, {"z_loss": 0.1}):
-        np.testing.assert_allclose(jaxce.softmax_cross_entropy(x, onehot, **kw),
-                                   jaxce.softmax_cross_entropy_with_integer_labels(x, y, **kw),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            jaxce.softmax_cross_entropy(x, onehot, **kw),
+            jaxce.softmax_cross_entropy_with_integer_labels(x, y, **kw),
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 # ----------------------------------------------------------------------------- other members
@@ -305,8 +346,9 @@ def test_nll_loss_matches_reference(reduction):
     lp = np.asarray(jax.nn.log_softmax(x), np.float64)
     y = y.copy()
     y[0] = -100
-    got = jaxce.nll_loss(lp, y, ignore_index=-100, class_weights=cw, sample_weights=sw,
-                         reduction=reduction)
+    got = jaxce.nll_loss(
+        lp, y, ignore_index=-100, class_weights=cw, sample_weights=sw, reduction=reduction
+    )
     keep = y != -100
     ys = np.where(keep, y, 0)
     w = keep * sw * cw[ys]
@@ -320,7 +362,8 @@ def test_cross_entropy_equals_nll_of_log_softmax():
     np.testing.assert_allclose(
         jaxce.nll_loss(jax.nn.log_softmax(x), y, class_weights=cw, reduction="mean"),
         jaxce.softmax_cross_entropy_with_integer_labels(x, y, class_weights=cw, reduction="mean"),
-        rtol=1e-6)
+        rtol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
@@ -331,23 +374,31 @@ def test_softmax_focal_matches_reference(gamma, alpha):
     got = jaxce.softmax_focal_loss(x, y, gamma=gamma, alpha=a)
     np.testing.assert_allclose(got, ref_focal(x, y, gamma, a), rtol=2e-6, atol=1e-7)
     onehot = np.eye(C, dtype=np.float32)[y]
-    np.testing.assert_allclose(jaxce.softmax_focal_loss(x, onehot, gamma=gamma, alpha=a), got,
-                               rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        jaxce.softmax_focal_loss(x, onehot, gamma=gamma, alpha=a), got, rtol=2e-6, atol=1e-7
+    )
 
 
 def test_softmax_focal_gamma_zero_is_cross_entropy_and_grads():
     x, y, *_ = data(16)
-    np.testing.assert_allclose(jaxce.softmax_focal_loss(x, y, gamma=0.0),
-                               jaxce.softmax_cross_entropy_with_integer_labels(x, y), rtol=1e-6)
+    np.testing.assert_allclose(
+        jaxce.softmax_focal_loss(x, y, gamma=0.0),
+        jaxce.softmax_cross_entropy_with_integer_labels(x, y),
+        rtol=1e-6,
+    )
     check_grads_2(lambda v: jaxce.softmax_focal_loss(v, y, gamma=1.5, reduction="sum"), (x,))
-    check_grads_2(lambda v: jaxce.softmax_focal_loss(v, y, gamma=0.5, ignore_index=y[0],
-                                                     reduction="mean"), (x,))
+    check_grads_2(
+        lambda v: jaxce.softmax_focal_loss(v, y, gamma=0.5, ignore_index=y[0], reduction="mean"),
+        (x,),
+    )
 
 
 def test_softmax_focal_confident_prediction_has_zero_finite_gradient():
     x = jnp.array([[200.0, 0.0, 0.0]])  # p_y rounds to 1 in float32
     for gamma in (0.5, 2.0):
-        g = jax.grad(lambda v, gm=gamma: jaxce.softmax_focal_loss(v, jnp.array([0]), gamma=gm).sum())(x)
+        g = jax.grad(
+            lambda v, gm=gamma: jaxce.softmax_focal_loss(v, jnp.array([0]), gamma=gm).sum()
+        )(x)
         assert np.all(np.isfinite(g)) and np.allclose(g, 0)
 
 
@@ -357,20 +408,31 @@ def test_poly_loss_matches_reference_optax_and_grads():
     want = -np.sum(t * lp, -1) + 2.0 * np.sum(t * (1 - np.exp(lp)), -1)
     got = jaxce.poly_loss_cross_entropy(x, t, epsilon=2.0)
     np.testing.assert_allclose(got, want, rtol=2e-6)
-    np.testing.assert_allclose(got, optax.losses.poly_loss_cross_entropy(x, t, epsilon=2.0), rtol=1e-5)
-    np.testing.assert_allclose(jaxce.poly_loss_cross_entropy(x, t, 1.0, -1, mask),
-                               optax.losses.poly_loss_cross_entropy(x, t, epsilon=1.0, axis=-1, where=mask), rtol=1e-5)
-    check_grads_2(lambda v: jaxce.poly_loss_cross_entropy(v, t, epsilon=1.5, reduction="mean"), (x,))
+    np.testing.assert_allclose(
+        got, optax.losses.poly_loss_cross_entropy(x, t, epsilon=2.0), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        jaxce.poly_loss_cross_entropy(x, t, 1.0, -1, mask),
+        optax.losses.poly_loss_cross_entropy(x, t, epsilon=1.0, axis=-1, where=mask),
+        rtol=1e-5,
+    )
+    check_grads_2(
+        lambda v: jaxce.poly_loss_cross_entropy(v, t, epsilon=1.5, reduction="mean"), (x,)
+    )
 
 
 def test_smooth_labels_matches_optax_and_formula():
     _, y, _, mask, *_ = data(18)
     onehot = np.eye(C, dtype=np.float32)[y]
     np.testing.assert_allclose(jaxce.smooth_labels(onehot, 0.1), 0.9 * onehot + 0.1 / C, rtol=1e-6)
-    np.testing.assert_allclose(jaxce.smooth_labels(onehot, 0.1),
-                               optax.smooth_labels(onehot, 0.1), rtol=1e-6)
-    np.testing.assert_allclose(jaxce.smooth_labels(onehot, 0.1, where=mask),
-                               optax.smooth_labels(onehot, 0.1, where=mask), rtol=1e-6)
+    np.testing.assert_allclose(
+        jaxce.smooth_labels(onehot, 0.1), optax.smooth_labels(onehot, 0.1), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        jaxce.smooth_labels(onehot, 0.1, where=mask),
+        optax.smooth_labels(onehot, 0.1, where=mask),
+        rtol=1e-6,
+    )
     check_grads_2(lambda v: jaxce.smooth_labels(v, 0.2), (onehot,))
 
 
@@ -379,11 +441,14 @@ def test_label_smoothing_equals_ce_on_smoothed_labels():
     onehot = np.eye(C, dtype=np.float32)[y]
     np.testing.assert_allclose(
         jaxce.softmax_cross_entropy_with_integer_labels(x, y, label_smoothing=0.3),
-        jaxce.softmax_cross_entropy(x, jaxce.smooth_labels(onehot, 0.3)), rtol=1e-5)
+        jaxce.softmax_cross_entropy(x, jaxce.smooth_labels(onehot, 0.3)),
+        rtol=1e-5,
+    )
     np.testing.assert_allclose(
         jaxce.softmax_cross_entropy_with_integer_labels(x, y, where=mask, label_smoothing=0.3),
         jaxce.softmax_cross_entropy(x, jaxce.smooth_labels(onehot, 0.3, where=mask), where=mask),
-        rtol=1e-5)
+        rtol=1e-5,
+    )
 
 
 # ----------------------------------------------------------------------------- optax parity
@@ -392,15 +457,26 @@ def test_optax_parity_for_shared_names():
     row_keep = np.array([True, True, False, True, True, False])
     pairs = [
         (jaxce.softmax_cross_entropy(x, t), optax.softmax_cross_entropy(x, t)),
-        (jaxce.softmax_cross_entropy(x, t, where=mask), optax.softmax_cross_entropy(x, t, where=mask)),
-        (jaxce.softmax_cross_entropy(x, t, -1, row_keep),
-         optax.softmax_cross_entropy(x, t, -1, row_keep)),
-        (jaxce.softmax_cross_entropy_with_integer_labels(x, y),
-         optax.softmax_cross_entropy_with_integer_labels(x, y)),
-        (jaxce.softmax_cross_entropy_with_integer_labels(x, y, -1, mask),
-         optax.softmax_cross_entropy_with_integer_labels(x, y, -1, mask)),
-        (jaxce.softmax_cross_entropy_with_integer_labels(x, y, -1, row_keep),
-         optax.softmax_cross_entropy_with_integer_labels(x, y, -1, row_keep)),
+        (
+            jaxce.softmax_cross_entropy(x, t, where=mask),
+            optax.softmax_cross_entropy(x, t, where=mask),
+        ),
+        (
+            jaxce.softmax_cross_entropy(x, t, -1, row_keep),
+            optax.softmax_cross_entropy(x, t, -1, row_keep),
+        ),
+        (
+            jaxce.softmax_cross_entropy_with_integer_labels(x, y),
+            optax.softmax_cross_entropy_with_integer_labels(x, y),
+        ),
+        (
+            jaxce.softmax_cross_entropy_with_integer_labels(x, y, -1, mask),
+            optax.softmax_cross_entropy_with_integer_labels(x, y, -1, mask),
+        ),
+        (
+            jaxce.softmax_cross_entropy_with_integer_labels(x, y, -1, row_keep),
+            optax.softmax_cross_entropy_with_integer_labels(x, y, -1, row_keep),
+        ),
     ]
     for ours, theirs in pairs:
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
@@ -411,8 +487,9 @@ def test_fully_masked_rows_give_zero_like_optax():
     mask = np.ones_like(x, bool)
     mask[2] = False
     ours = jaxce.softmax_cross_entropy_with_integer_labels(x, y, where=mask)
-    np.testing.assert_allclose(ours, optax.softmax_cross_entropy_with_integer_labels(x, y, where=mask),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        ours, optax.softmax_cross_entropy_with_integer_labels(x, y, where=mask), rtol=1e-5
+    )
     assert ours[2] == 0
     mean = jaxce.softmax_cross_entropy_with_integer_labels(x, y, where=mask, reduction="mean")
     np.testing.assert_allclose(mean, np.delete(np.asarray(ours), 2).mean(), rtol=1e-6)
@@ -440,17 +517,31 @@ def test_torch_parity_class_indices(reduction, weighted, smoothing):
     y = rng.integers(0, C, size=(4, 3))
     y[0, 1] = y[2, 2] = -100
     cw = rng.uniform(0.5, 2.0, size=C).astype(np.float32) if weighted else None
-    want, want_grad = _torch_ce(x.astype(np.float64), y, weight=cw, ignore_index=-100,
-                                reduction=reduction, label_smoothing=smoothing)
+    want, want_grad = _torch_ce(
+        x.astype(np.float64),
+        y,
+        weight=cw,
+        ignore_index=-100,
+        reduction=reduction,
+        label_smoothing=smoothing,
+    )
 
     @jax.jit
     def f(v):
         return jaxce.softmax_cross_entropy_with_integer_labels(
-            v, y, axis=1, ignore_index=-100, class_weights=cw, label_smoothing=smoothing,
-            reduction=reduction)
+            v,
+            y,
+            axis=1,
+            ignore_index=-100,
+            class_weights=cw,
+            label_smoothing=smoothing,
+            reduction=reduction,
+        )
 
     np.testing.assert_allclose(f(x), want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(jax.grad(lambda v: jnp.sum(f(v)))(x), want_grad, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        jax.grad(lambda v: jnp.sum(f(v)))(x), want_grad, rtol=1e-4, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -461,16 +552,24 @@ def test_torch_parity_probability_targets(reduction, weighted, smoothing):
     x = rng.normal(size=(4, C, 3)).astype(np.float32)
     t = np.moveaxis(rng.dirichlet(np.ones(C), size=(4, 3)), -1, 1).astype(np.float32)
     cw = rng.uniform(0.5, 2.0, size=C).astype(np.float32) if weighted else None
-    want, want_grad = _torch_ce(x.astype(np.float64), t.astype(np.float64), weight=cw,
-                                reduction=reduction, label_smoothing=smoothing)
+    want, want_grad = _torch_ce(
+        x.astype(np.float64),
+        t.astype(np.float64),
+        weight=cw,
+        reduction=reduction,
+        label_smoothing=smoothing,
+    )
 
     @jax.jit
     def f(v):
-        return jaxce.softmax_cross_entropy(v, t, axis=1, class_weights=cw,
-                                           label_smoothing=smoothing, reduction=reduction)
+        return jaxce.softmax_cross_entropy(
+            v, t, axis=1, class_weights=cw, label_smoothing=smoothing, reduction=reduction
+        )
 
     np.testing.assert_allclose(f(x), want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(jax.grad(lambda v: jnp.sum(f(v)))(x), want_grad, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        jax.grad(lambda v: jnp.sum(f(v)))(x), want_grad, rtol=1e-4, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -479,9 +578,13 @@ def test_torch_parity_nll_loss(reduction):
     lp = np.asarray(jax.nn.log_softmax(x))
     y = y.copy()
     y[3] = -100
-    want = torch.nn.functional.nll_loss(torch.tensor(lp), torch.tensor(y, dtype=torch.long),
-                                        weight=torch.tensor(cw), ignore_index=-100,
-                                        reduction=reduction).numpy()
+    want = torch.nn.functional.nll_loss(
+        torch.tensor(lp),
+        torch.tensor(y, dtype=torch.long),
+        weight=torch.tensor(cw),
+        ignore_index=-100,
+        reduction=reduction,
+    ).numpy()
     got = jaxce.nll_loss(lp, y, ignore_index=-100, class_weights=cw, reduction=reduction)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -492,9 +595,17 @@ def test_sum_and_weight_parts_combine_exactly_across_micro_batches():
     y[[1, 5]] = -1
     kw = {"ignore_index": -1, "class_weights": cw, "sample_weights": sw}
     full = jaxce.softmax_cross_entropy_with_integer_labels(x, y, reduction="mean", **kw)
-    parts = [jaxce.softmax_cross_entropy_with_integer_labels(
-        x[i:i + 4], y[i:i + 4], reduction="sum_and_weight", ignore_index=-1, class_weights=cw,
-        sample_weights=sw[i:i + 4]) for i in (0, 4)]
+    parts = [
+        jaxce.softmax_cross_entropy_with_integer_labels(
+            x[i : i + 4],
+            y[i : i + 4],
+            reduction="sum_and_weight",
+            ignore_index=-1,
+            class_weights=cw,
+            sample_weights=sw[i : i + 4],
+        )
+        for i in (0, 4)
+    ]
     total = sum(p[0] for p in parts)
     weight = sum(p[1] for p in parts)
     np.testing.assert_allclose(jaxce.weighted_mean(total, weight), full, rtol=1e-6)
@@ -503,11 +614,14 @@ def test_sum_and_weight_parts_combine_exactly_across_micro_batches():
 def test_sum_and_weight_with_psum_over_devices_axis():
     x, y, *_ = data(26, n=8)
     y[2] = -100
-    full = jaxce.softmax_cross_entropy_with_integer_labels(x, y, ignore_index=-100, reduction="mean")
+    full = jaxce.softmax_cross_entropy_with_integer_labels(
+        x, y, ignore_index=-100, reduction="mean"
+    )
 
     def shard(xs, ys):
         total, weight = jaxce.softmax_cross_entropy_with_integer_labels(
-            xs, ys, ignore_index=-100, reduction="sum_and_weight")
+            xs, ys, ignore_index=-100, reduction="sum_and_weight"
+        )
         return jaxce.weighted_mean(jax.lax.psum(total, "d"), jax.lax.psum(weight, "d"))
 
     out = jax.jit(jax.vmap(shard, axis_name="d"))(x.reshape(4, 2, C), y.reshape(4, 2))
@@ -517,8 +631,9 @@ def test_sum_and_weight_with_psum_over_devices_axis():
 def test_all_ignored_mean_is_zero_with_zero_gradient():
     x, y, *_ = data(27)
     y[:] = -100
-    f = lambda v: jaxce.softmax_cross_entropy_with_integer_labels(v, y, ignore_index=-100,
-                                                                 reduction="mean")
+    f = lambda v: jaxce.softmax_cross_entropy_with_integer_labels(
+        v, y, ignore_index=-100, reduction="mean"
+    )
     assert f(x) == 0.0
     g = jax.grad(f)(x)
     assert np.all(np.asarray(g) == 0)
@@ -528,10 +643,12 @@ def test_zero_sample_weight_masks_an_infinite_loss_exactly():
     x = jnp.array([[0.0, -jnp.inf, 1.0], [0.5, 0.2, 0.1]])
     y = jnp.array([1, 0])  # the first label sits on a -inf logit: its loss is +inf
     sw = jnp.array([0.0, 1.0])
-    f = lambda v, w: jaxce.softmax_cross_entropy_with_integer_labels(v, y, sample_weights=w,
-                                                                    reduction="mean")
-    np.testing.assert_allclose(f(x, sw), ref_integer_ce(np.asarray(x)[1:], np.asarray(y)[1:])[0],
-                               rtol=1e-6)
+    f = lambda v, w: jaxce.softmax_cross_entropy_with_integer_labels(
+        v, y, sample_weights=w, reduction="mean"
+    )
+    np.testing.assert_allclose(
+        f(x, sw), ref_integer_ce(np.asarray(x)[1:], np.asarray(y)[1:])[0], rtol=1e-6
+    )
     gx, gw = jax.grad(f, argnums=(0, 1))(x, sw)
     assert np.all(np.asarray(gx)[0] == 0) and np.all(np.isfinite(gx)) and np.all(np.isfinite(gw))
 
@@ -545,15 +662,18 @@ def test_reduction_none_carries_weights():
 
 def test_checkpoint_gradients_equal():
     x, y, *_ = data(29)
-    f = lambda v: jaxce.softmax_cross_entropy_with_integer_labels(v, y, label_smoothing=0.1,
-                                                                 reduction="mean")
-    np.testing.assert_allclose(jax.jit(jax.grad(jax.checkpoint(f)))(x), jax.jit(jax.grad(f))(x),
-                               rtol=1e-6)
+    f = lambda v: jaxce.softmax_cross_entropy_with_integer_labels(
+        v, y, label_smoothing=0.1, reduction="mean"
+    )
+    np.testing.assert_allclose(
+        jax.jit(jax.grad(jax.checkpoint(f)))(x), jax.jit(jax.grad(f))(x), rtol=1e-6
+    )
 
 
 _FAMILY = {
     "integer_ce": lambda x, y, t: jaxce.softmax_cross_entropy_with_integer_labels(
-        x, y, label_smoothing=0.1, z_loss=1e-2),
+        x, y, label_smoothing=0.1, z_loss=1e-2
+    ),
     "soft_ce": lambda x, y, t: jaxce.softmax_cross_entropy(x, t, label_smoothing=0.1),
     "nll": lambda x, y, t: jaxce.nll_loss(jax.nn.log_softmax(x), y),
     "focal_integer": lambda x, y, t: jaxce.softmax_focal_loss(x, y, gamma=1.5),
@@ -571,12 +691,14 @@ def test_every_member_under_jit_vmap_and_checkpoint(name):
     y = rng.integers(0, C, size=(3, 4))
     t = rng.dirichlet(np.ones(C), size=(3, 4)).astype(np.float32)
     eager = np.asarray(f(x, y, t))
-    transformed = jax.jit(lambda x, y, t: (
-        f(x, y, t),
-        jax.vmap(f)(x, y, t),
-        jax.vmap(f, in_axes=(1, 1, 1), out_axes=1)(x, y, t),
-        jax.checkpoint(f)(x, y, t),
-    ))(x, y, t)
+    transformed = jax.jit(
+        lambda x, y, t: (
+            f(x, y, t),
+            jax.vmap(f)(x, y, t),
+            jax.vmap(f, in_axes=(1, 1, 1), out_axes=1)(x, y, t),
+            jax.checkpoint(f)(x, y, t),
+        )
+    )(x, y, t)
     for got in transformed:
         np.testing.assert_allclose(got, eager, rtol=1e-5, atol=1e-6)
 
@@ -587,7 +709,8 @@ def test_weighted_mean_reference_and_grads():
     want = np.where(weight != 0, total / np.where(weight != 0, weight, 1.0), 0.0)
     np.testing.assert_allclose(jaxce.weighted_mean(total, weight), want, rtol=1e-6)
     g = jax.grad(lambda a, b: jnp.sum(jaxce.weighted_mean(a, b)), argnums=(0, 1))(
-        jnp.asarray(total), jnp.asarray(weight))
+        jnp.asarray(total), jnp.asarray(weight)
+    )
     assert np.all(np.asarray(g[0])[2] == 0) and np.all(np.isfinite(g[1]))
     check_grads_2(lambda a, b: jaxce.weighted_mean(a, b), (total[[0, 1, 3]], weight[[0, 1, 3]]))
 
@@ -599,23 +722,31 @@ def test_neg_inf_logits_with_zero_target_mass_are_finite_to_second_order():
     t = jnp.array([[0.3, 0.0, 0.7, 0.0], [0.2, 0.5, 0.0, 0.3]])
     losses = {
         "integer": lambda v: jaxce.softmax_cross_entropy_with_integer_labels(
-            v, y, label_smoothing=0.0, z_loss=1e-3, reduction="sum"),
+            v, y, label_smoothing=0.0, z_loss=1e-3, reduction="sum"
+        ),
         "soft": lambda v: jaxce.softmax_cross_entropy(v, t, z_loss=1e-3, reduction="sum"),
         "focal": lambda v: jaxce.softmax_focal_loss(v, y, gamma=2.0, reduction="sum"),
         "poly": lambda v: jaxce.poly_loss_cross_entropy(v, t, reduction="sum"),
     }
     for name, f in losses.items():
-        value, grad, hessian, tangent = jax.jit(lambda v, f=f: (
-            f(v), jax.grad(f)(v), jax.hessian(f)(v), jax.jvp(f, (v,), (jnp.ones_like(v),))[1]))(x)
-        for what, out in (("value", value), ("grad", grad), ("hessian", hessian),
-                          ("jvp", tangent)):
+        value, grad, hessian, tangent = jax.jit(
+            lambda v, f=f: (
+                f(v),
+                jax.grad(f)(v),
+                jax.hessian(f)(v),
+                jax.jvp(f, (v,), (jnp.ones_like(v),))[1],
+            )
+        )(x)
+        for what, out in (("value", value), ("grad", grad), ("hessian", hessian), ("jvp", tangent)):
             assert np.all(np.isfinite(out)), (name, what)
 
 
 def test_masked_classes_holding_nan_do_not_leak():
     x = jnp.array([[1.0, jnp.nan, 0.0]])
     mask = jnp.array([[True, False, True]])
-    f = lambda v: jaxce.softmax_cross_entropy_with_integer_labels(v, jnp.array([0]), where=mask).sum()
+    f = lambda v: jaxce.softmax_cross_entropy_with_integer_labels(
+        v, jnp.array([0]), where=mask
+    ).sum()
     value, grad = jax.jit(jax.value_and_grad(f))(x)
     assert np.isfinite(value) and np.all(np.isfinite(grad))
 
@@ -671,7 +802,9 @@ def test_checkify_names_the_bad_label():
     y[4] = 17
     f = jax.jit(lambda v, lab: jaxce.softmax_cross_entropy_with_integer_labels(v, lab))
     err, _ = checkify.checkify(f, errors=checkify.user_checks)(x, y)
-    with pytest.raises(checkify.JaxRuntimeError, match="invalid integer label 17 at flat position 4"):
+    with pytest.raises(
+        checkify.JaxRuntimeError, match="invalid integer label 17 at flat position 4"
+    ):
         err.throw()
     y[4] = 0
     err, _ = checkify.checkify(f, errors=checkify.user_checks)(x, y)
@@ -681,32 +814,79 @@ def test_checkify_names_the_bad_label():
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y.astype(np.float32)),
-         TypeError, "`labels` must have an integer dtype"),
-        (lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y[:-1]),
-         ValueError, r"`labels` has shape \(5,\) but must have shape \(6,\)"),
-        (lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x.astype(np.int32), y),
-         TypeError, "`logits` must have a floating dtype"),
-        (lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y, axis=2),
-         ValueError, "`axis` 2 is out of range"),
-        (lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y, reduction="avg"),
-         ValueError, "`reduction` must be one of"),
-        (lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y, class_weights=np.ones(3)),
-         ValueError, r"`class_weights` has shape \(3,\) but must have shape \(5,\)"),
-        (lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y, sample_weights=np.ones(4)),
-         ValueError, r"`sample_weights` has shape \(4,\)"),
-        (lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y, where=np.ones((6, 5))),
-         TypeError, "`where` must be a boolean mask"),
-        (lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y, where=np.ones((2, 6, 5), bool)),
-         ValueError, r"`where` has shape \(2, 6, 5\)"),
-        (lambda x, y: jaxce.softmax_cross_entropy(x, np.ones((6, 4), np.float32)),
-         ValueError, r"`labels` has shape \(6, 4\), which does not broadcast to \(6, 5\)"),
-        (lambda x, y: jaxce.softmax_cross_entropy(x, y),
-         TypeError, "`labels` must have a floating dtype"),
-        (lambda x, y: jaxce.nll_loss(x, y, class_weights=np.ones(2)),
-         ValueError, "`class_weights`"),
-        (lambda x, y: jaxce.softmax_focal_loss(x, jax.nn.one_hot(y, 5), ignore_index=0),
-         ValueError, "`ignore_index` applies to integer labels only"),
+        (
+            lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y.astype(np.float32)),
+            TypeError,
+            "`labels` must have an integer dtype",
+        ),
+        (
+            lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y[:-1]),
+            ValueError,
+            r"`labels` has shape \(5,\) but must have shape \(6,\)",
+        ),
+        (
+            lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x.astype(np.int32), y),
+            TypeError,
+            "`logits` must have a floating dtype",
+        ),
+        (
+            lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y, axis=2),
+            ValueError,
+            "`axis` 2 is out of range",
+        ),
+        (
+            lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y, reduction="avg"),
+            ValueError,
+            "`reduction` must be one of",
+        ),
+        (
+            lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(
+                x, y, class_weights=np.ones(3)
+            ),
+            ValueError,
+            r"`class_weights` has shape \(3,\) but must have shape \(5,\)",
+        ),
+        (
+            lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(
+                x, y, sample_weights=np.ones(4)
+            ),
+            ValueError,
+            r"`sample_weights` has shape \(4,\)",
+        ),
+        (
+            lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(
+                x, y, where=np.ones((6, 5))
+            ),
+            TypeError,
+            "`where` must be a boolean mask",
+        ),
+        (
+            lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(
+                x, y, where=np.ones((2, 6, 5), bool)
+            ),
+            ValueError,
+            r"`where` has shape \(2, 6, 5\)",
+        ),
+        (
+            lambda x, y: jaxce.softmax_cross_entropy(x, np.ones((6, 4), np.float32)),
+            ValueError,
+            r"`labels` has shape \(6, 4\), which does not broadcast to \(6, 5\)",
+        ),
+        (
+            lambda x, y: jaxce.softmax_cross_entropy(x, y),
+            TypeError,
+            "`labels` must have a floating dtype",
+        ),
+        (
+            lambda x, y: jaxce.nll_loss(x, y, class_weights=np.ones(2)),
+            ValueError,
+            "`class_weights`",
+        ),
+        (
+            lambda x, y: jaxce.softmax_focal_loss(x, jax.nn.one_hot(y, 5), ignore_index=0),
+            ValueError,
+            "`ignore_index` applies to integer labels only",
+        ),
     ],
 )
 def test_bad_input_raises_clear_errors(call, error, match):

@@ -1,0 +1,82 @@
+"""Shared machinery of the vocabulary-chunked (fused) losses.
+
+A fused loss never materialises the ``(tokens, V)`` logits: it walks over blocks of
+``chunk`` columns of a ``(D, V)`` weight. This module holds what every such loss needs: the
+automatic chunk size, the column blocks (the last one shifted, never shrunk or padded), and the
+bookkeeping of device-varying mesh axes that ``lax.scan`` needs inside ``shard_map``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+# Automatic chunk: a (tokens x chunk) float32 tile of about 2**22 elements (16 MiB), at least
+# 256 columns and a multiple of 128.
+TILE_ELEMENTS = 1 << 22
+MIN_CHUNK = 256
+
+
+def auto_chunk(num_tokens: int, vocab: int) -> int:
+    """Columns per tile for ``num_tokens`` rows: about ``TILE_ELEMENTS`` elements a tile."""
+    chunk = TILE_ELEMENTS // max(num_tokens, 1)
+    chunk = max(MIN_CHUNK, chunk // 128 * 128)
+    return max(1, min(chunk, vocab))
+
+
+def num_chunks(vocab: int, chunk: int) -> int:
+    return -(-vocab // chunk)
+
+
+def column_block(w: Array, b: Array | None, i, chunk: int):
+    """Block ``i`` of ``chunk`` columns of ``w`` (and ``b``): ``(wc, bc, cols, fresh, start)``.
+
+    Blocks never shrink: the last one is shifted left to end at the last column, and the
+    columns it shares with the previous block are marked not ``fresh``, so no padded copy of
+    ``w`` is ever made. ``cols`` are the local column ids of the block.
+    """
+    vocab = w.shape[1]
+    start = jnp.minimum(i * chunk, vocab - chunk)
+    wc = lax.dynamic_slice_in_dim(w, start, chunk, axis=1)
+    bc = None if b is None else lax.dynamic_slice_in_dim(b, start, chunk)
+    cols = start + lax.iota(jnp.int32, chunk)
+    return wc, bc, cols, cols >= i * chunk, start
+
+
+def _varying_axes(x) -> frozenset:
+    """Mesh axes over which ``x`` is device-varying inside ``shard_map`` (empty outside)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def make_varying(x, axes):
+    """``x`` marked device-varying over ``axes`` (those it already varies over are skipped)."""
+    missing = tuple(sorted(frozenset(axes) - _varying_axes(x), key=str))
+    if not missing:
+        return x
+    if hasattr(lax, "pcast"):
+        return lax.pcast(x, missing, to="varying")
+    return lax.pvary(x, missing)  # older JAX
+
+
+def sum_over_extra_axes(ct, ref):
+    extra = tuple(sorted(_varying_axes(ct) - _varying_axes(ref), key=str))
+    return lax.psum(ct, extra) if extra else ct
+
+
+def varying_like(arrays, *refs):
+    """Marks fresh scan carries device-varying over the mesh axes any of ``refs`` varies over.
+
+    Inside ``shard_map`` a ``lax.scan`` needs its initial carry to have the same
+    varying-manual-axes type as the body's output; outside it this is a no-op.
+    """
+    axes = frozenset().union(*(_varying_axes(r) for r in refs if r is not None))
+    if not axes:
+        return arrays
+    return jax.tree.map(lambda a: make_varying(a, axes), arrays)
