@@ -4,60 +4,67 @@ Every loss here is elementwise: an "example" is one element of ``logits``, ``lab
 (or broadcast to) the shape of ``logits``, and the weights, reductions and dtype policy are
 ``_reduce``'s. All logs are taken in log space with ``softplus``:
 ``-log sigmoid(x) = softplus(-x)`` and ``-log(1 - sigmoid(x)) = softplus(x)``, both
-non-negative, so nothing cancels or overflows for logits up to the dtype's limit.
+non-negative, so nothing cancels or overflows for logits up to the dtype's limit. A label
+outside ``[0, 1]`` (or NaN) is invalid: NaN for its element, and an error under ``checkify``.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
-from jaxce import _checks, _reduce
+from jaxce import _api, _checks, _numerics, _reduce
+from jaxce._checks import NON_NEGATIVE, UNIT_INTERVAL, Reduction
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
+Loss = Array | tuple[Array, Array]
 
 _LOG_CLAMP = -100.0  # PyTorch's clamp of each log term in ``binary_cross_entropy``
 
 
-def _binary_targets(labels: ArrayLike, shape: tuple[int, ...], dtype, what: str) -> Array:
-    """``labels`` as ``dtype``, broadcast to ``shape``; floating, integer or bool dtypes."""
+def _in_unit_interval(values: Array, what: str) -> Array:
+    """Where ``values`` leave ``[0, 1]`` (NaN included), with a ``checkify`` check."""
+    bad = ~_checks.UNIT_INTERVAL.holds(values)
+    checkify.debug_check(~jnp.any(bad), f"{what} must lie in [0, 1].")
+    return bad
+
+
+def _binary_inputs(
+    values: ArrayLike, labels: ArrayLike, name: str, sample_weights: ArrayLike | None
+) -> tuple[Array, Array, _reduce.ExampleWeights]:
+    """``(values upcast, labels in their dtype and shape, weights)``; invalid labels marked."""
+    x = _reduce.upcast(_checks.as_floating(values, name))
     labels = jnp.asarray(labels)
-    if not (
-        jnp.issubdtype(labels.dtype, jnp.floating)
-        or jnp.issubdtype(labels.dtype, jnp.integer)
-        or labels.dtype == jnp.bool_
-    ):
+    kinds = (jnp.floating, jnp.integer, jnp.bool_)
+    if not any(jnp.issubdtype(labels.dtype, kind) for kind in kinds):
         raise TypeError(
             f"`labels` must have a floating, integer or bool dtype, got {labels.dtype}."
         )
-    labels = _checks.broadcastable(labels, "labels", shape, what)
-    return labels.astype(dtype)
-
-
-def _weighted_softplus(weight: Array, z: Array) -> Array:
-    """``weight * softplus(z)`` with ``0 * inf = 0``: an infinite logit whose term has zero
-    weight contributes nothing, and no NaN reaches the gradient (the double-where trick)."""
-    sp = jax.nn.softplus(z)
-    dead = (weight == 0) & jnp.isinf(sp)
-    return weight * jnp.where(dead, jnp.zeros((), sp.dtype), sp)
+    y = _checks.broadcastable(labels, "labels", x.shape, f"targets for `{name}`").astype(x.dtype)
+    weights = _reduce.example_weights(x.shape, x.dtype, sample_weights=sample_weights)
+    return x, y, weights.with_invalid(_in_unit_interval(y, "binary `labels`"))
 
 
 def _sigmoid_ce(x: Array, y: Array, pos_weight: Array | None = None) -> Array:
     r"""``-(w y log sigmoid(x) + (1 - y) log(1 - sigmoid(x)))`` as two non-negative parts."""
     pos = y if pos_weight is None else pos_weight * y
-    return _weighted_softplus(pos, -x) + _weighted_softplus(1 - y, x)
+    return _numerics.weighted_softplus(pos, -x) + _numerics.weighted_softplus(1 - y, x)
 
 
+@_api.public(
+    static=("reduction",), optional=("label_smoothing",), domains={"label_smoothing": UNIT_INTERVAL}
+)
 def sigmoid_binary_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
     *,
     pos_weight: ArrayLike | None = None,
     sample_weights: ArrayLike | None = None,
-    label_smoothing: float = 0.0,
-    reduction: str = "none",
-):
+    label_smoothing: float | ArrayLike = 0.0,
+    reduction: Reduction = "none",
+) -> Loss:
     r"""Binary cross-entropy on logits (optax's and PyTorch's ``BCEWithLogits``), elementwise.
 
     For a logit :math:`x`, target :math:`y \in [0, 1]` and positive-class weight :math:`w_+`:
@@ -109,36 +116,39 @@ def sigmoid_binary_cross_entropy(
       >>> jaxce.sigmoid_binary_cross_entropy(jnp.array([-jnp.inf, 1e30]), jnp.array([0.0, 1.0]))
       Array([0., 0.], dtype=float32)
     """
-    logits = _checks.as_floating(logits, "logits")
-    x = _reduce.upcast(logits)
-    y = _binary_targets(labels, x.shape, x.dtype, "targets for `logits`")
-    if not _checks.is_zero(label_smoothing):
-        y = y * (1 - label_smoothing) + label_smoothing / 2
+    x, y, weights = _binary_inputs(logits, labels, "logits", sample_weights)
+    if not _checks.is_off(label_smoothing):
+        eps, bad = _checks.hyperparameter(
+            label_smoothing, "label_smoothing", x.dtype, UNIT_INTERVAL
+        )
+        y = y * (1 - eps) + eps / 2
+        weights = weights.with_invalid(bad)
     pw = None
     if pos_weight is not None:
-        pw = _checks.as_floating(pos_weight, "pos_weight")
-        pw = _checks.broadcastable(pw, "pos_weight", x.shape, "a weight per element of `logits`")
-        pw = pw.astype(x.dtype)
-    info = _reduce.examples(x.shape, x.dtype, sample_weights=sample_weights)
-    return _reduce.finish(_sigmoid_ce(x, y, pw), info, reduction)
+        pw = _checks.float_array_like(
+            pos_weight, "pos_weight", x.shape, x.dtype, "a weight per element of `logits`"
+        )
+    return _reduce.weigh_and_reduce(_sigmoid_ce(x, y, pw), weights, reduction)
 
 
 def _clamped_log(p: Array) -> Array:
     """``max(log p, -100)`` with a finite gradient: 0 where the clamp is active, including
-    ``p = 0`` and probabilities below the dtype's smallest normal number (which count as 0)."""
-    live = p >= jnp.finfo(p.dtype).tiny
+    ``p = 0`` and probabilities below the dtype's smallest normal number (which count as 0).
+    NaN stays NaN."""
+    live = ~(p < jnp.finfo(p.dtype).tiny)
     log_p = jnp.log(jnp.where(live, p, jnp.ones((), p.dtype)))
-    live = live & (log_p > _LOG_CLAMP)
+    live = live & ~(log_p <= _LOG_CLAMP)
     return jnp.where(live, log_p, jnp.full((), _LOG_CLAMP, p.dtype))
 
 
+@_api.public(static=("reduction",))
 def binary_cross_entropy(
     probs: ArrayLike,
     labels: ArrayLike,
     *,
     sample_weights: ArrayLike | None = None,
-    reduction: str = "none",
-):
+    reduction: Reduction = "none",
+) -> Loss:
     r"""Binary cross-entropy on probabilities (PyTorch's ``binary_cross_entropy``), elementwise.
 
     .. math::
@@ -175,40 +185,34 @@ def binary_cross_entropy(
       >>> jaxce.binary_cross_entropy(jnp.array([0.0, 1.0]), jnp.array([1.0, 1.0]))
       Array([100.,   0.], dtype=float32)
     """
-    probs = _checks.as_floating(probs, "probs")
-    p = _reduce.upcast(probs)
-    y = _binary_targets(labels, p.shape, p.dtype, "targets for `probs`")
+    p, y, weights = _binary_inputs(probs, labels, "probs", sample_weights)
     loss = y * -_clamped_log(p) + (1 - y) * -_clamped_log(1 - p)
-    loss = jnp.where((p < 0) | (p > 1), jnp.full((), jnp.nan, p.dtype), loss)
-    info = _reduce.examples(p.shape, p.dtype, sample_weights=sample_weights)
-    return _reduce.finish(loss, info, reduction)
+    weights = weights.with_invalid(_in_unit_interval(p, "`probs`"))
+    return _reduce.weigh_and_reduce(loss, weights, reduction)
 
 
-def _log_one_minus_pt(x: Array, y: Array) -> Array:
-    r"""``log(1 - p_t) = log((1 - y) sigma(x) + y sigma(-x))``, in log space, NaN-free."""
-    neg_inf = jnp.full((), -jnp.inf, x.dtype)
+def _log_pt_parts(x: Array, y: Array) -> tuple[Array, Array]:
+    r"""``(log p_t, log(1 - p_t))`` of the true class, in log space, NaN-free.
 
-    def log_weight(w):
-        pos = w > 0
-        return jnp.where(pos, jnp.log(jnp.where(pos, w, jnp.ones((), w.dtype))), neg_inf)
-
-    a = log_weight(1 - y) - jax.nn.softplus(-x)  # log((1 - y) sigma(x))
-    b = log_weight(y) - jax.nn.softplus(x)  # log(y sigma(-x))
-    empty = (a == -jnp.inf) & (b == -jnp.inf)  # only at x = +-inf with a matching label
-    zero = jnp.zeros((), x.dtype)
-    out = jnp.logaddexp(jnp.where(empty, zero, a), jnp.where(empty, zero, b))
-    return jnp.where(empty, neg_inf, out)
+    :math:`p_t = y\,\sigma(x) + (1 - y)\,\sigma(-x)`, each side a log-sigmoid plus a safe
+    log of its weight.
+    """
+    log_y, log_not_y = _numerics.safe_log(y), _numerics.safe_log(1 - y)
+    log_pt = _numerics.log_add_exp(log_y - jax.nn.softplus(-x), log_not_y - jax.nn.softplus(x))
+    log_q = _numerics.log_add_exp(log_not_y - jax.nn.softplus(-x), log_y - jax.nn.softplus(x))
+    return log_pt, log_q
 
 
+@_api.public(static=("reduction",), domains={"alpha": UNIT_INTERVAL, "gamma": NON_NEGATIVE})
 def sigmoid_focal_loss(
     logits: ArrayLike,
     labels: ArrayLike,
     *,
     alpha: float | ArrayLike | None = None,
-    gamma: float = 2.0,
+    gamma: float | ArrayLike = 2.0,
     sample_weights: ArrayLike | None = None,
-    reduction: str = "none",
-):
+    reduction: Reduction = "none",
+) -> Loss:
     r"""Sigmoid focal loss (optax-compatible), elementwise.
 
     .. math::
@@ -246,26 +250,26 @@ def sigmoid_focal_loss(
     References:
       Lin et al., *Focal Loss for Dense Object Detection*, 2017.
     """
-    logits = _checks.as_floating(logits, "logits")
-    x = _reduce.upcast(logits)
-    y = _binary_targets(labels, x.shape, x.dtype, "targets for `logits`")
-    log_q = _log_one_minus_pt(x, y)
-    finite = log_q > -jnp.inf
-    gamma = jnp.asarray(gamma, x.dtype)
-    factor = jnp.exp(gamma * jnp.where(finite, log_q, jnp.zeros((), x.dtype)))
-    factor = jnp.where(finite, factor, jnp.where(gamma == 0, 1.0, 0.0).astype(x.dtype))
+    x, y, weights = _binary_inputs(logits, labels, "logits", sample_weights)
+    g, bad = _checks.hyperparameter(gamma, "gamma", x.dtype, NON_NEGATIVE)
+    weights = weights.with_invalid(bad)
+    log_pt, log_q = _log_pt_parts(x, y)
+    factor = _numerics.focal_power(log_q, g)
     ce = _sigmoid_ce(x, y)
-    # Where the loss is infinite the factor is finite and flat (its derivative times the
-    # infinite ce is 0 * inf): hold it constant there so both modes stay NaN-free.
+    # Where p_t underflows to 0 the factor is flat to working precision, while ce is huge or
+    # infinite: its cotangent would overflow and meet a zero derivative (inf * 0 = NaN), so
+    # the factor is held constant there, which changes no derivative that floats can hold.
+    flat = jnp.exp(log_pt) == 0
     infinite = jnp.isinf(ce)
+    factor = jnp.where(flat, jax.lax.stop_gradient(factor), factor)
     zero = jnp.zeros((), x.dtype)
+    # The infinite branch needs a symbolic-zero tangent for the factor (0 * inf in jvp).
     loss = jnp.where(
         infinite, jax.lax.stop_gradient(factor) * ce, factor * jnp.where(infinite, zero, ce)
     )
     if alpha is not None:
-        a = _checks.as_floating(alpha, "alpha")
+        a, bad = _checks.hyperparameter(alpha, "alpha", x.dtype, UNIT_INTERVAL)
         a = _checks.broadcastable(a, "alpha", x.shape, "a balance per element of `logits`")
-        a = a.astype(x.dtype)
+        weights = weights.with_invalid(bad)
         loss = (a * y + (1 - a) * (1 - y)) * loss
-    info = _reduce.examples(x.shape, x.dtype, sample_weights=sample_weights)
-    return _reduce.finish(loss, info, reduction)
+    return _reduce.weigh_and_reduce(loss, weights, reduction)

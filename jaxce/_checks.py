@@ -1,20 +1,26 @@
-"""Trace-time validation shared by every loss.
+"""Validation shared by every loss: shapes and dtypes at trace time, values where they can be.
 
-Every check here looks only at shapes and dtypes, so it runs while JAX traces and raises a
-plain ``TypeError``/``ValueError`` naming the argument, what was seen and what was expected.
-Checks on *values* (label ranges) cannot raise under ``jit``; they live in ``_reduce`` and turn
-bad values into NaN plus a ``checkify`` check.
+Checks on shapes and dtypes run while JAX traces and raise a plain ``TypeError``/``ValueError``
+naming the argument, what was seen and what was expected. Values cannot raise under ``jit``:
+a hyperparameter that is a Python or NumPy value is checked against its domain before tracing
+(``check_concrete_domain``); a traced one, or a bad label, turns the affected examples into
+NaN and raises only under ``jax.experimental.checkify`` (``outside_domain``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
-REDUCTIONS = ("none", "sum", "mean", "sum_and_weight")
+Reduction = Literal["none", "sum", "mean", "sum_and_weight"]
+REDUCTIONS: tuple[str, ...] = ("none", "sum", "mean", "sum_and_weight")
 
 
 def as_floating(x: jax.typing.ArrayLike, name: str) -> jax.Array:
@@ -22,6 +28,14 @@ def as_floating(x: jax.typing.ArrayLike, name: str) -> jax.Array:
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"`{name}` must have a floating dtype, got {x.dtype}.")
+    return x
+
+
+def as_weights(x: jax.typing.ArrayLike, name: str) -> jax.Array:
+    """Weights as an array: floating, or boolean (a mask, cast later to the compute dtype)."""
+    x = jnp.asarray(x)
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.bool_):
+        raise TypeError(f"`{name}` must have a floating or boolean dtype, got {x.dtype}.")
     return x
 
 
@@ -40,12 +54,27 @@ def as_mask(x: jax.typing.ArrayLike, name: str) -> jax.Array:
     return x
 
 
-def is_zero(value) -> bool:
+def as_hyperparameter(value: Any, name: str, dtype) -> jax.Array:
+    """A float hyperparameter (Python, NumPy or JAX; int and bool accepted) in ``dtype``."""
+    value = jnp.asarray(value)
+    if not (jnp.issubdtype(value.dtype, jnp.number) or value.dtype == jnp.bool_):
+        raise TypeError(f"`{name}` must be a number, got dtype {value.dtype}.")
+    return value.astype(dtype)
+
+
+def is_zero(value: Any) -> bool:
     """True for a Python/NumPy scalar zero, so a default option can skip its work entirely.
 
     A traced value is never "zero" here: it is computed, whatever it turns out to be.
     """
-    return not isinstance(value, jax.core.Tracer) and jnp.ndim(value) == 0 and float(value) == 0
+    if isinstance(value, jax.core.Tracer) or jnp.ndim(value) != 0:
+        return False
+    return float(value) == 0
+
+
+def is_off(value: Any) -> bool:
+    """An optional float option that is off: ``None`` (what ``_api`` passes for a concrete 0)."""
+    return value is None or is_zero(value)
 
 
 def reduction(value: str) -> str:
@@ -54,10 +83,14 @@ def reduction(value: str) -> str:
     return value
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def class_axes(axis: int | Sequence[int], ndim: int, name: str = "logits") -> tuple[int, ...]:
     """Canonical (non-negative) class axes, in the order given, as a tuple."""
-    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
-    if not axes or not all(isinstance(a, (int, np.integer)) for a in axes):
+    axes = (axis,) if _is_int(axis) else axis
+    if not isinstance(axes, (tuple, list)) or not axes or not all(_is_int(a) for a in axes):
         raise TypeError(f"`axis` must be an int or a non-empty tuple of ints, got {axis!r}.")
     out = []
     for a in axes:
@@ -87,3 +120,89 @@ def broadcastable(x: jax.Array, name: str, target: tuple[int, ...], what: str) -
             f"`{name}` has shape {x.shape}, which does not broadcast to {tuple(target)} ({what})."
         )
     return jnp.broadcast_to(x, target)
+
+
+def float_array_like(
+    x: jax.typing.ArrayLike, name: str, shape: tuple[int, ...], dtype, what: str
+) -> jax.Array:
+    """A floating array broadcast to ``shape`` and cast to ``dtype`` (weights, second inputs)."""
+    return broadcastable(as_floating(x, name), name, shape, what).astype(dtype)
+
+
+def static_option(value: Any, name: str) -> Any:
+    """A static option (axis, reduction, ignore_index, sizes) in a hashable canonical form.
+
+    NumPy integers become ``int``, lists become tuples; arrays cannot shape a computation.
+    """
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"`{name}` must be a Python value (it shapes the computation), got a tracer."
+        )
+    if isinstance(value, (np.ndarray, jax.Array)):
+        if value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer):
+            return int(value)
+        raise TypeError(
+            f"`{name}` must be a Python value (it shapes the computation), got an array."
+        )
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, list):
+        return tuple(static_option(v, name) for v in value)
+    if isinstance(value, tuple):
+        return tuple(static_option(v, name) for v in value)
+    return value
+
+
+# ------------------------------------------------------------------------- parameter domains
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    """An interval of allowed values: ``[low, high]``, or ``(low, high]`` when ``open_low``."""
+
+    low: float
+    high: float
+    open_low: bool
+    text: str
+
+    def holds(self, value):
+        """Elementwise membership; NaN is never a member (works for NumPy and JAX arrays)."""
+        above = value > self.low if self.open_low else value >= self.low
+        return above & (value <= self.high)
+
+
+UNIT_INTERVAL = Domain(0.0, 1.0, False, "in [0, 1]")
+NON_NEGATIVE = Domain(0.0, math.inf, False, ">= 0")
+POSITIVE = Domain(0.0, math.inf, True, "> 0")
+
+
+def check_concrete_domain(value: Any, name: str, domain: Domain) -> None:
+    """Raises ``ValueError`` for a Python/NumPy ``value`` outside ``domain``.
+
+    JAX arrays (traced or not) are left to ``outside_domain``: reading them here would cost a
+    transfer from the device on every call.
+    """
+    if value is None or isinstance(value, jax.Array):
+        return
+    values = np.asarray(value)
+    if not (np.issubdtype(values.dtype, np.number) or values.dtype == np.bool_):
+        raise TypeError(f"`{name}` must be a number, got {value!r}.")
+    if values.size and not np.all(domain.holds(values.astype(np.float64))):
+        raise ValueError(f"`{name}` must be {domain.text}, got {value!r}.")
+
+
+def outside_domain(value: jax.Array, name: str, domain: Domain) -> jax.Array:
+    """Where a (possibly traced) ``value`` leaves ``domain``; a ``checkify`` check names it."""
+    bad = ~domain.holds(value)
+    checkify.debug_check(~jnp.any(bad), f"`{name}` must be {domain.text}.")
+    return bad
+
+
+def hyperparameter(
+    value: Any, name: str, dtype, domain: Domain | None = None
+) -> tuple[jax.Array, jax.Array | None]:
+    """``(value in dtype, where it leaves domain)``: the traced half of the domain rule."""
+    value = as_hyperparameter(value, name, dtype)
+    return value, None if domain is None else outside_domain(value, name, domain)

@@ -1,76 +1,41 @@
 """Information-theoretic losses: entropies, KL divergences (plain, log-target, distillation), JSD.
 
-Every function here is its formula plus calls into ``_reduce``: the class axis, ``where``,
-``sample_weights``, reductions and the dtype policy work as in the softmax family. All sums
-of the form :math:`\\sum_c p_c (\\log p_c - \\log q_c)` go through ``_xlog_ratio``, which
-makes ``0 \\log 0 = 0`` hold in the value and in every gradient.
+Every function here is its formula plus calls into the shared modules: the class axis,
+``where``, ``sample_weights``, reductions and the dtype policy work as in the softmax family.
+Sums of the form :math:`\\sum_c p_c (\\log p_c - \\log q_c)` go through
+``_numerics.weighted_log_ratio``, which makes ``0 \\log 0 = 0`` hold in the value and in every
+gradient while a NaN still gives NaN.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
-from jaxce import _checks, _reduce
-from jaxce._binary import _weighted_softplus
-from jaxce._softmax import _log_normalizer, _log_softmax, _Logits, _prepare
+from jaxce import _api, _checks, _logits, _numerics, _reduce
+from jaxce._checks import POSITIVE, UNIT_INTERVAL, Reduction
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
+Loss = Array | tuple[Array, Array]
 
 
-def _live(w: Array, class_mask: Array | None) -> Array:
-    live = w > 0
-    return live if class_mask is None else live & class_mask
+def _two_arrays(first: ArrayLike, second: ArrayLike, axis, where, sample_weights, names):
+    """``(first's Logits, second aligned to it, weights)`` for a loss of two class arrays."""
+    return _logits.probability_targets(
+        _logits.prepare(first, axis, where, names[0]), second, sample_weights, name=names[1]
+    )
 
 
-def _xlog_ratio(w: Array, log_a: Array, log_b: Array, live: Array) -> Array:
-    r"""``sum_c w_c (log_a_c - log_b_c)`` over ``live`` entries (where ``w > 0``).
-
-    Entries that are not live contribute exactly 0 to the value and to every gradient (the
-    double-where trick): a zero weight next to an infinite log never makes a NaN.
-    """
-    zero = jnp.zeros((), w.dtype)
-    diff = jnp.where(live, log_a, zero) - jnp.where(live, log_b, zero)
-    return jnp.sum(jnp.where(live, w * diff, zero), axis=-1)
-
-
-def _log_probs(lg: _Logits, scale=None) -> Array:
-    """``log_softmax`` over the classes ``where`` leaves in; masked classes are ``-inf``."""
-    x = lg.x if scale is None else lg.x / scale
-    m, log_s = _log_normalizer(x, lg.class_mask)
-    log_p = _log_softmax(x, m, log_s)
-    if lg.class_mask is not None:
-        log_p = jnp.where(lg.class_mask, log_p, jnp.full((), -jnp.inf, log_p.dtype))
-    return log_p
-
-
-def _second(values: ArrayLike, name: str, lg: _Logits, first: str) -> Array:
-    """A second array over the same classes as ``lg`` (targets), in ``lg``'s layout."""
-    values = _checks.as_floating(values, name)
-    values = _checks.broadcastable(values, name, lg.shape, f"the shape of `{first}`")
-    values = lg.layout.to_last(_reduce.upcast(values).astype(lg.x.dtype))
-    if lg.keep is not None:  # dropped rows: neutral values, so no NaN reaches the gradient
-        values = jnp.where(lg.keep[..., None], values, jnp.zeros((), values.dtype))
-    return values
-
-
-def _start(logits, axis, where, sample_weights, name):
-    lg = _prepare(logits, axis, where, name)
-    info = _reduce.examples(lg.batch_shape, lg.x.dtype, keep=lg.keep, sample_weights=sample_weights)
-    return lg.neutralised(lg.keep), info
-
-
+@_api.public(static=("axis", "reduction"))
 def entropy(
     logits: ArrayLike,
     axis: int | tuple[int, ...] = -1,
     where: ArrayLike | None = None,
     *,
     sample_weights: ArrayLike | None = None,
-    reduction: str = "none",
-):
+    reduction: Reduction = "none",
+) -> Loss:
     r"""Shannon entropy of the softmax distribution, in nats.
 
     .. math::
@@ -105,19 +70,23 @@ def entropy(
       >>> jaxce.entropy(jnp.array([[0.0, 0.0], [0.0, -jnp.inf]]))
       Array([0.6931, 0.    ], dtype=float32)
     """
-    lg, info = _start(logits, axis, where, sample_weights, "logits")
-    log_p = _log_probs(lg)
+    logits = _logits.prepare(logits, axis, where)
+    weights = _logits.per_example_weights(logits, sample_weights)
+    logits = logits.neutralised(logits.keep)
+    log_p = _logits.log_softmax(logits.values, logits.class_mask)
     p = jnp.exp(log_p)
-    h = _xlog_ratio(p, jnp.zeros((), p.dtype), log_p, _live(p, lg.class_mask))
-    return _reduce.finish(h, info, reduction)
+    zero = jnp.zeros((), p.dtype)
+    h = _numerics.weighted_log_ratio(p, zero, log_p, _numerics.support(p, logits.class_mask))
+    return _reduce.weigh_and_reduce(h, weights, reduction)
 
 
+@_api.public(static=("reduction",))
 def binary_entropy(
     logits: ArrayLike,
     *,
     sample_weights: ArrayLike | None = None,
-    reduction: str = "none",
-):
+    reduction: Reduction = "none",
+) -> Loss:
     r"""Entropy of Bernoulli(sigmoid(logits)), elementwise, in nats.
 
     .. math::
@@ -142,13 +111,15 @@ def binary_entropy(
       >>> jaxce.binary_entropy(jnp.array([0.0, 2.0, -jnp.inf]))
       Array([0.6931, 0.3653, 0.    ], dtype=float32)
     """
-    logits = _checks.as_floating(logits, "logits")
-    x = _reduce.upcast(logits)
-    h = _weighted_softplus(jax.nn.sigmoid(x), -x) + _weighted_softplus(jax.nn.sigmoid(-x), x)
-    info = _reduce.examples(x.shape, x.dtype, sample_weights=sample_weights)
-    return _reduce.finish(h, info, reduction)
+    x = _reduce.upcast(_checks.as_floating(logits, "logits"))
+    h = _numerics.weighted_softplus(jax.nn.sigmoid(x), -x) + _numerics.weighted_softplus(
+        jax.nn.sigmoid(-x), x
+    )
+    weights = _reduce.example_weights(x.shape, x.dtype, sample_weights=sample_weights)
+    return _reduce.weigh_and_reduce(h, weights, reduction)
 
 
+@_api.public(static=("axis", "reduction"))
 def kl_divergence(
     log_predictions: ArrayLike,
     targets: ArrayLike,
@@ -156,8 +127,8 @@ def kl_divergence(
     where: ArrayLike | None = None,
     *,
     sample_weights: ArrayLike | None = None,
-    reduction: str = "none",
-):
+    reduction: Reduction = "none",
+) -> Loss:
     r"""Kullback-Leibler divergence :math:`KL(p \| q)` of predictions from targets (optax order).
 
     .. math::
@@ -197,15 +168,15 @@ def kl_divergence(
     References:
       Kullback and Leibler, *On Information and Sufficiency*, 1951.
     """
-    lg, info = _start(log_predictions, axis, where, sample_weights, "log_predictions")
-    p = _second(targets, "targets", lg, "log_predictions")
-    live = _live(p, lg.class_mask)
-    log_p = jnp.log(jnp.where(live, p, jnp.ones((), p.dtype)))
-    negative = p < 0 if lg.class_mask is None else (p < 0) & lg.class_mask
-    info = dataclasses.replace(info, bad=info.keep & jnp.any(negative, axis=-1))
-    return _reduce.finish(_xlog_ratio(p, log_p, lg.x, live), info, reduction)
+    log_q, p, weights = _two_arrays(
+        log_predictions, targets, axis, where, sample_weights, ("log_predictions", "targets")
+    )
+    on_support = _numerics.support(p, log_q.class_mask)
+    kl = _numerics.weighted_log_ratio(p, _numerics.safe_log(p), log_q.values, on_support)
+    return _reduce.weigh_and_reduce(kl, weights, reduction)
 
 
+@_api.public(static=("axis", "reduction"))
 def kl_divergence_with_log_targets(
     log_predictions: ArrayLike,
     log_targets: ArrayLike,
@@ -213,8 +184,8 @@ def kl_divergence_with_log_targets(
     where: ArrayLike | None = None,
     *,
     sample_weights: ArrayLike | None = None,
-    reduction: str = "none",
-):
+    reduction: Reduction = "none",
+) -> Loss:
     r"""Kullback-Leibler divergence :math:`KL(p \| q)` with the targets in log space.
 
     .. math::
@@ -243,23 +214,31 @@ def kl_divergence_with_log_targets(
       >>> jaxce.kl_divergence_with_log_targets(log_q, log_p)
       Array(0.6931, dtype=float32)
     """
-    lg, info = _start(log_predictions, axis, where, sample_weights, "log_predictions")
-    log_p = _second(log_targets, "log_targets", lg, "log_predictions")
+    log_q, log_p, weights = _two_arrays(
+        log_predictions,
+        log_targets,
+        axis,
+        where,
+        sample_weights,
+        ("log_predictions", "log_targets"),
+    )
     p = jnp.exp(log_p)
-    live = _live(p, lg.class_mask)
-    return _reduce.finish(_xlog_ratio(p, log_p, lg.x, live), info, reduction)
+    on_support = _numerics.support(p, log_q.class_mask)
+    kl = _numerics.weighted_log_ratio(p, log_p, log_q.values, on_support)
+    return _reduce.weigh_and_reduce(kl, weights, reduction)
 
 
+@_api.public(static=("axis", "reduction"), domains={"temperature": POSITIVE})
 def softmax_kl_divergence(
     logits: ArrayLike,
     target_logits: ArrayLike,
     axis: int | tuple[int, ...] = -1,
-    *,
-    temperature: float = 1.0,
     where: ArrayLike | None = None,
+    *,
+    temperature: float | ArrayLike = 1.0,
     sample_weights: ArrayLike | None = None,
-    reduction: str = "none",
-):
+    reduction: Reduction = "none",
+) -> Loss:
     r"""Distillation loss: temperature-scaled KL of the student's softmax from the teacher's.
 
     .. math::
@@ -303,40 +282,36 @@ def softmax_kl_divergence(
     References:
       Hinton, Vinyals and Dean, *Distilling the Knowledge in a Neural Network*, 2015.
     """
-    lg, info = _start(logits, axis, where, sample_weights, "logits")
-    t = _second(target_logits, "target_logits", lg, "logits")
-    temperature = jnp.asarray(temperature, lg.x.dtype)
-    log_p = _log_probs(_Logits(t, lg.class_mask, lg.keep, lg.layout, lg.shape), temperature)
-    p = jnp.exp(log_p)
-    live = _live(p, lg.class_mask)
-    # -log q_c = log_s + (m - s_c) with m - s_c >= 0; halving before subtracting keeps
-    # m - s_c finite for logits of opposite signs near the dtype's limit.
-    s = lg.x / temperature
-    m, log_s = _log_normalizer(s, lg.class_mask)
-    zero = jnp.zeros((), p.dtype)
-    half_gap = jnp.where(live, m[..., None] / 2 - s / 2, zero)  # inf off the support
-    terms = p * jnp.where(live, log_p, zero) + p * log_s[..., None] + 2 * (p * half_gap)
-    kl = jnp.sum(jnp.where(live, terms, zero), axis=-1)
-    return _reduce.finish(jnp.square(temperature) * kl, info, reduction)
-
-
-def _safe_log_scalar(w: Array) -> Array:
-    pos = w > 0
-    return jnp.where(
-        pos, jnp.log(jnp.where(pos, w, jnp.ones((), w.dtype))), jnp.full((), -jnp.inf, w.dtype)
+    student, teacher, weights = _two_arrays(
+        logits, target_logits, axis, where, sample_weights, ("logits", "target_logits")
     )
+    t, bad = _checks.hyperparameter(temperature, "temperature", student.dtype, POSITIVE)
+    weights = weights.with_invalid(bad)
+    mask = student.class_mask
+    log_p = _logits.log_softmax(teacher, mask, t)
+    p = jnp.exp(log_p)
+    on_support = _numerics.support(p, mask)
+    s = student.values / t
+    m, log_s = _logits.log_normalizer(s, mask)
+    # KL = sum p log p + sum p (-log q); the second sum is overflow-safe for logits of
+    # opposite signs near the dtype's limit.
+    zero = jnp.zeros((), p.dtype)
+    neg_entropy = _numerics.weighted_log_ratio(p, log_p, zero, on_support)
+    kl = neg_entropy + _numerics.neg_log_softmax_sum(p, s, m, log_s, mask)
+    return _reduce.weigh_and_reduce(jnp.square(t) * kl, weights, reduction)
 
 
+@_api.public(static=("axis", "reduction"), domains={"beta": UNIT_INTERVAL})
 def js_divergence(
     logits_p: ArrayLike,
     logits_q: ArrayLike,
     axis: int | tuple[int, ...] = -1,
-    *,
-    beta: float = 0.5,
     where: ArrayLike | None = None,
+    *,
+    beta: float | ArrayLike = 0.5,
     sample_weights: ArrayLike | None = None,
-    reduction: str = "none",
-):
+    reduction: Reduction = "none",
+) -> Loss:
     r"""Generalised Jensen-Shannon divergence of two softmax distributions, in nats.
 
     .. math::
@@ -379,18 +354,17 @@ def js_divergence(
     References:
       Lin, *Divergence Measures Based on the Shannon Entropy*, 1991.
     """
-    lg, info = _start(logits_p, axis, where, sample_weights, "logits_p")
-    xq = _second(logits_q, "logits_q", lg, "logits_p")
-    log_p = _log_probs(lg)
-    log_q = _log_probs(_Logits(xq, lg.class_mask, lg.keep, lg.layout, lg.shape))
-    beta = jnp.asarray(beta, lg.x.dtype)
-    a = _safe_log_scalar(beta) + log_p
-    b = _safe_log_scalar(1 - beta) + log_q
-    empty = (a == -jnp.inf) & (b == -jnp.inf)  # classes neither side (or weight) reaches
-    zero = jnp.zeros((), a.dtype)
-    log_m = jnp.logaddexp(jnp.where(empty, zero, a), jnp.where(empty, zero, b))
-    wp, wq = beta * jnp.exp(log_p), (1 - beta) * jnp.exp(log_q)
-    js = _xlog_ratio(wp, log_p, log_m, _live(wp, lg.class_mask)) + _xlog_ratio(
-        wq, log_q, log_m, _live(wq, lg.class_mask)
+    first, second, weights = _two_arrays(
+        logits_p, logits_q, axis, where, sample_weights, ("logits_p", "logits_q")
     )
-    return _reduce.finish(js, info, reduction)
+    b, bad = _checks.hyperparameter(beta, "beta", first.dtype, UNIT_INTERVAL)
+    weights = weights.with_invalid(bad)
+    mask = first.class_mask
+    log_p = _logits.log_softmax(first.values, mask)
+    log_q = _logits.log_softmax(second, mask)
+    log_m = _numerics.log_add_exp(_numerics.safe_log(b) + log_p, _numerics.safe_log(1 - b) + log_q)
+    wp, wq = b * jnp.exp(log_p), (1 - b) * jnp.exp(log_q)
+    js = _numerics.weighted_log_ratio(
+        wp, log_p, log_m, _numerics.support(wp, mask)
+    ) + _numerics.weighted_log_ratio(wq, log_q, log_m, _numerics.support(wq, mask))
+    return _reduce.weigh_and_reduce(js, weights, reduction)

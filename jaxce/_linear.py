@@ -328,7 +328,7 @@ def linear_softmax_cross_entropy(
         chunk = min(chunk_size, local_vocab)
 
     acc = _reduce.compute_dtype(hidden.dtype, weight.dtype)
-    info, safe = _reduce.integer_examples(
+    weights, safe = _reduce.integer_label_weights(
         labels, vocab_size, acc, ignore_index=ignore_index, sample_weights=sample_weights
     )
     want_sum = not _checks.is_zero(label_smoothing)
@@ -356,4 +356,4 @@ def linear_softmax_cross_entropy(
         loss = (1 - label_smoothing) * loss + label_smoothing * (lse - total / vocab_size)
     if not _checks.is_zero(z_loss):
         loss = loss + z_loss * jnp.square(lse)
-    return _reduce.finish(loss, info, reduction)
+    return _reduce.weigh_and_reduce(loss, weights, reduction)

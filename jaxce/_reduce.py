@@ -1,33 +1,35 @@
-"""The one mechanism behind every loss: class axes, masks, weights, reductions and dtypes.
+"""The one mechanism for weights, dropped and invalid examples, reductions and dtypes.
 
-A loss in jaxce is its formula plus calls into this module:
+A loss computes one raw value per example; this module says which examples count and with
+what weight, and reduces:
 
-1. ``ClassLayout`` moves the class axes of ``logits`` to the end and flattens them, so the
-   formula only ever sees ``(..., C)``;
-2. ``split_where`` turns optax's ``where`` into a class mask and an example mask;
-3. ``integer_examples`` / ``examples`` compute, per example, whether it counts (``keep``), its
-   weight (``sample_weights * class_weights[label] * keep``) and whether its label is invalid;
-4. ``finish`` zeroes dropped examples, turns invalid ones into NaN, applies the weight and the
-   reduction.
+1. ``example_weights`` / ``integer_label_weights`` build the per-example ``ExampleWeights``:
+   whether the example counts (``keep``), its weight (``sample_weights * keep``), its term of
+   the mean's denominator (times ``class_weights[label]`` for integer labels) and whether it
+   is invalid (its loss is then NaN);
+2. ``weigh_and_reduce`` zeroes dropped examples, marks invalid ones NaN, applies the weight
+   and the reduction.
 
 The weighted mean is ``sum(w * loss) / sum(w)`` and is ``0`` (with zero gradient) when
 ``sum(w) == 0``; ``reduction="sum_and_weight"`` returns the numerator and the denominator so
-that micro-batches and devices can be combined exactly (see ``weighted_mean``).
+that micro-batches and devices can be combined exactly (see ``weighted_mean``). Weights may be
+negative (PyTorch accepts them): they enter both sums as given.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import checkify
 
 from jaxce import _checks
 
 Array = jax.Array
+ArrayLike = jax.typing.ArrayLike
 
 
 def compute_dtype(*dtypes) -> jnp.dtype:
@@ -42,168 +44,154 @@ def upcast(x: Array) -> Array:
     return x.astype(compute_dtype(x.dtype))
 
 
-@dataclasses.dataclass(frozen=True)
-class ClassLayout:
-    """Where the classes live in an array of rank ``ndim``: ``axes`` (canonical, in given order)."""
-
-    axes: tuple[int, ...]
-    ndim: int
-
-    @classmethod
-    def of(cls, axis: int | Sequence[int], ndim: int, name: str = "logits") -> ClassLayout:
-        return cls(_checks.class_axes(axis, ndim, name), ndim)
-
-    @property
-    def batch_axes(self) -> tuple[int, ...]:
-        return tuple(a for a in range(self.ndim) if a not in self.axes)
-
-    def batch_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
-        return tuple(shape[a] for a in self.batch_axes)
-
-    def num_classes(self, shape: Sequence[int]) -> int:
-        return math.prod(shape[a] for a in self.axes)
-
-    def to_last(self, x: Array) -> Array:
-        """``x`` (rank ``ndim``) with the class axes moved to the end and flattened to one."""
-        order = self.batch_axes + self.axes
-        if order != tuple(range(self.ndim)):
-            x = jnp.transpose(x, order)
-        return x.reshape(x.shape[: len(self.batch_axes)] + (-1,))
-
-    def expand(self, x: Array) -> Array:
-        """Inserts size-1 class axes into a batch-shaped ``x`` (for broadcasting against logits)."""
-        return jnp.expand_dims(x, self.axes)
-
-
-def split_where(where, shape: tuple[int, ...], layout: ClassLayout):
-    """Splits optax's ``where`` into ``(class_mask (..., C) or None, example_mask or None)``.
-
-    A ``where`` of the rank of ``logits`` masks classes (broadcast to ``logits``); one with the
-    class axes removed masks whole examples, as in optax.
-    """
-    if where is None:
-        return None, None
-    where = _checks.as_mask(where, "where")
-    batch = layout.batch_shape(shape)
-    if where.ndim == len(shape):
-        mask = _checks.broadcastable(where, "where", shape, "a class mask for `logits`")
-        return layout.to_last(mask), None
-    if where.ndim == len(batch):
-        mask = _checks.broadcastable(
-            where, "where", batch, "an example mask: `logits` without the class axis"
-        )
-        return None, mask
-    raise ValueError(
-        f"`where` has shape {where.shape}; it must be a class mask broadcastable to `logits` "
-        f"{tuple(shape)} or an example mask broadcastable to {batch}."
-    )
-
-
-def class_vector(values, name: str, num_classes: int, dtype) -> Array:
+def class_vector(values: ArrayLike, name: str, num_classes: int, dtype) -> Array:
     """Validates a per-class vector (``class_weights``, ``alpha``) of length ``num_classes``."""
-    values = _checks.as_floating(values, name)
-    values = values.reshape(-1) if values.size == num_classes else values
+    values = _checks.as_weights(values, name)
+    if values.ndim > 1 and values.size == num_classes:
+        values = values.reshape(num_classes)
     _checks.same_shape(values, name, (num_classes,), "one entry per class")
     return values.astype(dtype)
 
 
 def along_classes(values: Array, like: Array) -> Array:
     """A ``(C,)`` vector reshaped to broadcast against ``like`` of shape ``(..., C)``."""
-    return values.reshape((1,) * (like.ndim - 1) + (-1,))
+    return values.reshape((1,) * (like.ndim - 1) + (values.shape[0],))
 
 
 @dataclasses.dataclass(frozen=True)
-class Examples:
+class ExampleWeights:
     """Per-example bookkeeping, all of the loss's batch shape.
 
     Attributes:
       keep: whether the example counts (not ignored, not in a fully masked row).
-      weight: the factor ``finish`` multiplies the per-example loss by: ``sample_weights`` times
+      weight: what ``weigh_and_reduce`` multiplies the raw loss by: ``sample_weights`` times
         ``keep``. Class weights are not in it: a formula applies them where they belong.
-      denominator: the per-example term of ``sum(w)`` in the mean: ``weight`` times
-        ``class_weights[label]`` for integer labels, ``weight`` alone for soft targets (PyTorch).
-      bad: kept examples whose label is invalid; their loss is NaN. ``None`` if none can be.
+      denominator: the example's term of ``sum(w)`` in the mean: ``weight`` times
+        ``class_weights[label]`` for integer labels, ``weight`` alone for soft targets.
+      invalid: kept examples whose input is invalid; their loss is NaN. ``None`` if none is.
+      class_weights: the validated ``(C,)`` class weights, or ``None``.
+      label_weight: ``class_weights[label]``, or ``None``.
     """
 
     keep: Array
     weight: Array
     denominator: Array
-    bad: Array | None = None
+    invalid: Array | None = None
+    class_weights: Array | None = None
+    label_weight: Array | None = None
+
+    def with_invalid(self, invalid: Array | None) -> ExampleWeights:
+        """Also marks ``invalid`` (broadcast to the batch) as NaN."""
+        if invalid is None:
+            return self
+        invalid = self.keep & jnp.broadcast_to(invalid, self.keep.shape)
+        if self.invalid is not None:
+            invalid = invalid | self.invalid
+        return dataclasses.replace(self, invalid=invalid)
 
 
-def examples(
-    batch, dtype, *, keep=None, sample_weights=None, label_weight=None, bad=None
-) -> Examples:
-    """Builds ``Examples`` from the optional pieces; missing pieces count as ones."""
+def example_weights(
+    batch: tuple[int, ...],
+    dtype,
+    *,
+    keep: Array | None = None,
+    sample_weights: ArrayLike | None = None,
+    label_weight: Array | None = None,
+    class_weights: Array | None = None,
+) -> ExampleWeights:
+    """Builds ``ExampleWeights`` from the optional pieces; missing pieces count as ones."""
     keep = jnp.ones(batch, bool) if keep is None else jnp.broadcast_to(keep, batch)
     weight = keep.astype(dtype)
     if sample_weights is not None:
-        sample_weights = _checks.as_floating(sample_weights, "sample_weights")
+        sample_weights = _checks.as_weights(sample_weights, "sample_weights")
         sample_weights = _checks.broadcastable(
             sample_weights, "sample_weights", batch, "the per-example loss shape"
         )
         weight = weight * sample_weights.astype(dtype)
     denominator = weight if label_weight is None else weight * label_weight
-    return Examples(keep=keep, weight=weight, denominator=denominator, bad=bad)
+    return ExampleWeights(
+        keep=keep,
+        weight=weight,
+        denominator=denominator,
+        class_weights=class_weights,
+        label_weight=label_weight,
+    )
 
 
-def integer_examples(
+def _comparable(ignore_index: int | None, dtype) -> int | None:
+    """``ignore_index`` if a label of ``dtype`` can equal it, else ``None`` (nothing ignored)."""
+    if ignore_index is None:
+        return None
+    if not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool):
+        raise TypeError(f"`ignore_index` must be an int or None, got {ignore_index!r}.")
+    limits = jnp.iinfo(dtype)
+    return int(ignore_index) if limits.min <= ignore_index <= limits.max else None
+
+
+def integer_label_weights(
     labels: Array,
     num_classes: int,
     dtype,
     *,
-    ignore_index=None,
-    class_weights=None,
-    sample_weights=None,
-    keep=None,
-    class_mask=None,
-):
-    """Bookkeeping for integer labels. Returns ``(Examples, safe_labels)``.
+    ignore_index: int | None = None,
+    class_weights: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    keep: Array | None = None,
+    class_mask: Array | None = None,
+) -> tuple[ExampleWeights, Array]:
+    """Bookkeeping for integer labels. Returns ``(ExampleWeights, safe_labels)``.
 
     ``safe_labels`` are the labels with ignored and invalid entries replaced by ``0``, safe to
     gather with (negative labels would otherwise wrap around). A label is invalid when it is
     not ``ignore_index`` and lies outside ``[0, C)``, or when ``class_mask`` excludes its class
     in a row that still has classes; such an example's loss is NaN and, under
-    ``jax.experimental.checkify``, raises.
+    ``jax.experimental.checkify``, raises. An ``ignore_index`` no label of ``labels``'s dtype
+    can hold (``2**40`` for int32 labels) ignores nothing.
     """
     batch = labels.shape
     keep = jnp.ones(batch, bool) if keep is None else jnp.broadcast_to(keep, batch)
+    ignore_index = _comparable(ignore_index, labels.dtype)
     if ignore_index is not None:
         keep = keep & (labels != ignore_index)
     in_range = (labels >= 0) & (labels < num_classes)
     safe_labels = jnp.where(in_range & keep, labels, 0)
-    bad = keep & ~in_range
+    invalid = keep & ~in_range
     if class_mask is not None:
-        label_allowed = take_class(class_mask, safe_labels)
-        bad = bad | (keep & ~label_allowed)
-    _check_labels(bad, labels, num_classes, ignore_index)
-    label_weight = None
+        invalid = invalid | (keep & ~take_class(class_mask, safe_labels))
+    _check_labels(invalid, labels, num_classes, ignore_index)
+    vector = label_weight = None
     if class_weights is not None:
-        class_weights = class_vector(class_weights, "class_weights", num_classes, dtype)
-        label_weight = class_weights[safe_labels]
-    info = examples(
-        batch, dtype, keep=keep, sample_weights=sample_weights, label_weight=label_weight, bad=bad
+        vector = class_vector(class_weights, "class_weights", num_classes, dtype)
+        label_weight = vector[safe_labels]
+    weights = example_weights(
+        batch,
+        dtype,
+        keep=keep,
+        sample_weights=sample_weights,
+        label_weight=label_weight,
+        class_weights=vector,
     )
-    return info, safe_labels
+    return dataclasses.replace(weights, invalid=invalid), safe_labels
 
 
-def _check_labels(bad: Array, labels: Array, num_classes: int, ignore_index) -> None:
+def _check_labels(invalid: Array, labels: Array, num_classes: int, ignore_index) -> None:
     """Under ``checkify`` (user checks), raises naming the first invalid label; else a no-op."""
-    if bad.size == 0:
+    if invalid.size == 0:
         return
-    first = jnp.argmax(bad.reshape(-1))
+    flat = invalid.reshape(invalid.size)
+    first = jnp.argmax(flat)
     checkify.debug_check(
-        ~jnp.any(bad),
+        ~jnp.any(flat),
         "invalid integer label {label} at flat position {pos}: labels must lie in "
         f"[0, {num_classes}), be `ignore_index` ({ignore_index}), and name a class that "
         "`where` leaves in.",
-        label=labels.reshape(-1)[first],
+        label=labels.reshape(labels.size)[first],
         pos=first,
     )
 
 
 def take_class(x: Array, labels: Array) -> Array:
-    """``x[..., labels]`` for ``x`` of shape ``(..., C)`` and in-range ``labels`` ``(...)``.
+    """``x[..., labels]`` for ``x`` ``(..., C)`` and in-range ``labels`` ``(...)``.
 
     A gather, measured against a compare-and-select reduction (which avoids a scatter in the
     backward pass): on CPU the select's transpose materialises an ``(N, C)`` array that XLA does
@@ -213,15 +201,15 @@ def take_class(x: Array, labels: Array) -> Array:
     return jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
 
 
-def finish(raw_loss: Array, info: Examples, reduction: str):
+def weigh_and_reduce(raw_loss: Array, weights: ExampleWeights, reduction: str):
     """Zeroes dropped examples, marks invalid ones NaN, weights and reduces."""
     # A zero weight masks its example exactly: select before multiplying, or an infinite loss
     # would give inf * 0 = NaN (and a NaN gradient with respect to the weight).
-    dropped = ~info.keep | (info.weight == 0)
-    loss = jnp.where(dropped, jnp.zeros((), raw_loss.dtype), raw_loss) * info.weight
-    if info.bad is not None:
-        loss = jnp.where(info.bad, jnp.full((), jnp.nan, loss.dtype), loss)
-    return reduce_loss(loss, info.denominator, reduction)
+    dropped = ~weights.keep | (weights.weight == 0)
+    loss = jnp.where(dropped, jnp.zeros((), raw_loss.dtype), raw_loss) * weights.weight
+    if weights.invalid is not None:
+        loss = jnp.where(weights.invalid, jnp.full((), jnp.nan, loss.dtype), loss)
+    return reduce_loss(loss, weights.denominator, reduction)
 
 
 def reduce_loss(loss: Array, weight: Array | None, reduction: str):
@@ -230,17 +218,18 @@ def reduce_loss(loss: Array, weight: Array | None, reduction: str):
     if reduction == "none":
         return loss
     total = jnp.sum(loss)
-    if weight is None:
-        weight = jnp.ones(loss.shape, loss.dtype)
-    denominator = jnp.sum(jnp.broadcast_to(weight, loss.shape)).astype(loss.dtype)
     if reduction == "sum":
         return total
+    if weight is None:
+        denominator = jnp.asarray(math.prod(loss.shape), loss.dtype)
+    else:
+        denominator = jnp.sum(jnp.broadcast_to(weight, loss.shape)).astype(loss.dtype)
     if reduction == "sum_and_weight":
         return total, denominator
-    return weighted_mean(total, denominator)
+    return divide_or(total, denominator, 0.0)
 
 
-def weighted_mean(total: jax.typing.ArrayLike, weight: jax.typing.ArrayLike) -> Array:
+def weighted_mean(total: ArrayLike, weight: ArrayLike) -> Array:
     r"""``total / weight``, defined as ``0`` (with zero gradient) where ``weight == 0``.
 
     Combines the two parts that ``reduction="sum_and_weight"`` returns. Summing the parts over
@@ -252,10 +241,14 @@ def weighted_mean(total: jax.typing.ArrayLike, weight: jax.typing.ArrayLike) -> 
 
     Args:
       total: the weighted sum of losses, any shape.
-      weight: the sum of weights, broadcastable to ``total``.
+      weight: the sum of weights, broadcastable with ``total``.
 
     Returns:
-      The weighted mean, with the dtype of ``total``.
+      The weighted mean, of the broadcast shape of ``total`` and ``weight`` and the dtype of
+      ``total``. A NaN in either part gives NaN.
+
+    Raises:
+      ValueError: if the shapes of ``total`` and ``weight`` do not broadcast together.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -272,13 +265,21 @@ def weighted_mean(total: jax.typing.ArrayLike, weight: jax.typing.ArrayLike) -> 
     return divide_or(total, weight, 0.0)
 
 
-def divide_or(total: jax.typing.ArrayLike, weight: jax.typing.ArrayLike, empty: float) -> Array:
+def divide_or(total: ArrayLike, weight: ArrayLike, empty: float) -> Array:
     """``total / weight``, and ``empty`` where ``weight == 0``, with a zero gradient there.
 
     ``weighted_mean`` is ``empty=0``; ``jaxce.pytorch`` uses ``empty=nan`` (PyTorch's mean).
     """
     total = jnp.asarray(total)
     weight = jnp.asarray(weight)
+    try:
+        shape = np.broadcast_shapes(total.shape, weight.shape)
+    except ValueError:
+        raise ValueError(
+            f"`total` has shape {total.shape} and `weight` has shape {weight.shape}: they must "
+            "broadcast together (the two parts of reduction='sum_and_weight')."
+        ) from None
+    total, weight = jnp.broadcast_to(total, shape), jnp.broadcast_to(weight, shape)
     nonzero = weight != 0
     safe = jnp.where(nonzero, weight, jnp.ones((), weight.dtype))
     return jnp.where(nonzero, total / safe, jnp.full((), empty, total.dtype))

@@ -1,172 +1,56 @@
-"""Softmax cross-entropy with integer and soft targets, NLL, poly and softmax focal losses."""
+"""Softmax cross-entropy with integer and soft targets, NLL, poly and softmax focal losses.
+
+Each loss is its formula plus calls into the shared modules: ``_logits`` (layout, masks,
+log-normaliser, targets), ``_numerics`` (overflow- and NaN-safe pieces), ``_reduce``
+(weights and reductions), ``_checks`` (validation) and ``_api`` (jit compilation).
+"""
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from jaxce import _checks, _reduce
-from jaxce._reduce import ClassLayout
+from jaxce import _api, _checks, _logits, _numerics, _reduce
+from jaxce._checks import NON_NEGATIVE, UNIT_INTERVAL, Reduction
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
+Loss = Array | tuple[Array, Array]
 
-_SOFT_LABELS_HINT = " For probability targets use `softmax_cross_entropy`."
-
-
-@dataclasses.dataclass(frozen=True)
-class _Logits:
-    """Logits brought into the ``(..., C)`` layout every formula uses."""
-
-    x: Array  # (..., C), compute dtype
-    class_mask: Array | None  # (..., C) bool, True = class takes part
-    keep: Array | None  # batch-shaped: rows with at least one class, per `where`
-    layout: ClassLayout
-    shape: tuple[int, ...]  # original logits shape
-
-    @property
-    def num_classes(self) -> int:
-        return self.x.shape[-1]
-
-    @property
-    def batch_shape(self) -> tuple[int, ...]:
-        return self.x.shape[:-1]
-
-    def count(self, keepdims: bool = False) -> Array | int:
-        """Number of classes left in by ``where``, per row (``C`` without a mask).
-
-        With ``keepdims`` a mask's count keeps a trailing axis, to divide ``(..., C)`` arrays.
-        """
-        if self.class_mask is None:
-            return self.num_classes
-        return jnp.sum(self.class_mask, axis=-1, keepdims=keepdims).astype(self.x.dtype)
-
-    def neutralised(self, keep: Array | None) -> _Logits:
-        """Replaces dropped rows by zero logits with every class in (the double-where trick).
-
-        A dropped row (ignored, fully masked) may hold ``-inf``; its loss is discarded, but
-        without this its discarded branch would still send NaN into the gradient.
-        """
-        if keep is None:
-            return self
-        row = keep[..., None]
-        x = jnp.where(row, self.x, jnp.zeros((), self.x.dtype))
-        mask = None if self.class_mask is None else self.class_mask | ~row
-        return dataclasses.replace(self, x=x, class_mask=mask)
+_STATIC = ("axis", "reduction", "ignore_index")
 
 
-def _prepare(logits: ArrayLike, axis, where, name: str = "logits") -> _Logits:
-    logits = _checks.as_floating(logits, name)
-    layout = ClassLayout.of(axis, logits.ndim, name)
-    class_mask, example_mask = _reduce.split_where(where, logits.shape, layout)
-    keep = example_mask
-    if class_mask is not None:
-        has_class = jnp.any(class_mask, axis=-1)
-        keep = has_class if keep is None else keep & has_class
-    x = layout.to_last(_reduce.upcast(logits))
-    if class_mask is not None:
-        # Masked classes may hold anything (padding, NaN); -inf takes them out of every formula
-        # and, unlike a mask applied after exp, keeps their gradient exactly zero.
-        x = jnp.where(class_mask, x, jnp.full((), -jnp.inf, x.dtype))
-    return _Logits(x, class_mask, keep, layout, logits.shape)
+def _smoothing_coefficients(
+    logits: _logits.Logits, eps: Array, class_weights: Array | None
+) -> Array:
+    r"""``(..., C)`` coefficients :math:`\varepsilon w_c / C` of the uniform part."""
+    coef = jnp.broadcast_to(eps / logits.count(keepdims=True), logits.values.shape)
+    if class_weights is not None:
+        coef = coef * _reduce.along_classes(class_weights, coef)
+    return coef
 
 
-def _log_normalizer(x: Array, class_mask: Array | None) -> tuple[Array, Array]:
-    """Returns ``(m, log_s)`` with ``logsumexp(x) = m + log_s``.
-
-    ``m`` is the (masked) row maximum under ``stop_gradient`` (0 where not finite), so
-    ``log_s >= 0`` and ``m - x_c >= 0``: losses are written as sums of these non-negative parts,
-    which neither overflow nor cancel for logits near the dtype's limits.
-    """
-    if class_mask is None:
-        m = jnp.max(x, axis=-1)
-    else:
-        m = jnp.max(x, axis=-1, where=class_mask, initial=-jnp.inf)
-    m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros((), m.dtype)))
-    e = jnp.exp(x - m[..., None])
-    if class_mask is not None:
-        e = jnp.where(class_mask, e, jnp.zeros((), e.dtype))
-    return m, jnp.log(jnp.sum(e, axis=-1))
+def _options(weights: _reduce.ExampleWeights, dtype, label_smoothing, z_loss):
+    """The traced smoothing and z-loss coefficients (``None`` when off), NaN where invalid."""
+    eps = z = None
+    if not _checks.is_off(label_smoothing):
+        eps, bad = _checks.hyperparameter(label_smoothing, "label_smoothing", dtype, UNIT_INTERVAL)
+        weights = weights.with_invalid(bad)
+    if not _checks.is_off(z_loss):
+        z, bad = _checks.hyperparameter(z_loss, "z_loss", dtype, NON_NEGATIVE)
+        weights = weights.with_invalid(bad)
+    return eps, z, weights
 
 
-def _log_softmax(x: Array, m: Array, log_s: Array) -> Array:
-    return (x - m[..., None]) - log_s[..., None]
+def _z_term(z: Array | None, m: Array, log_s: Array) -> Array | float:
+    return 0.0 if z is None else _logits.z_loss_term(z, m, log_s)
 
 
-def _z_term(z_loss, m: Array, log_s: Array) -> Array | float:
-    if _checks.is_zero(z_loss):
-        return 0.0
-    return z_loss * jnp.square(m + log_s)
-
-
-def _class_weight_vector(class_weights, lg: _Logits) -> Array | None:
-    if class_weights is None:
-        return None
-    return _reduce.class_vector(class_weights, "class_weights", lg.num_classes, lg.x.dtype)
-
-
-def _integer_labels(labels, lg: _Logits) -> Array:
-    labels = _checks.as_integer(labels, "labels", _SOFT_LABELS_HINT)
-    _checks.same_shape(
-        labels,
-        "labels",
-        lg.batch_shape,
-        f"`logits` {lg.shape} without the class axis {lg.layout.axes}",
-    )
-    return labels
-
-
-def _hard_targets(
-    lg: _Logits, labels, *, ignore_index=None, class_weights=None, sample_weights=None
-):
-    """Validated integer labels: ``(lg with dropped rows neutralised, safe labels, Examples)``."""
-    labels = _integer_labels(labels, lg)
-    info, y = _reduce.integer_examples(
-        labels,
-        lg.num_classes,
-        lg.x.dtype,
-        ignore_index=ignore_index,
-        class_weights=class_weights,
-        sample_weights=sample_weights,
-        keep=lg.keep,
-        class_mask=lg.class_mask,
-    )
-    may_drop = ignore_index is not None or lg.keep is not None
-    return lg.neutralised(info.keep if may_drop else None), y, info
-
-
-def _soft_targets(lg: _Logits, labels, sample_weights=None):
-    """Validated probability targets: ``(lg, dropped rows neutralised; t (..., C); Examples)``."""
-    labels = _checks.as_floating(labels, "labels")
-    target = _checks.broadcastable(labels, "labels", lg.shape, "probabilities over `logits`")
-    t = lg.layout.to_last(target.astype(lg.x.dtype))
-    info = _reduce.examples(lg.batch_shape, lg.x.dtype, keep=lg.keep, sample_weights=sample_weights)
-    return lg.neutralised(lg.keep), t, info
-
-
-def _mean_neg_log_probs(lg: _Logits, m: Array, log_s: Array, weights: Array | None) -> Array:
-    r"""``(1 / C) \sum_c w_c (-\log p_c)`` over the classes ``where`` leaves in.
-
-    Each ``-log p_c = log_s + (m - x_c)`` is a sum of non-negative parts; dividing by ``C``
-    before subtracting keeps ``(m - x_c) / C`` finite for logits near the dtype's limit.
-    """
-    per_row = lg.count(keepdims=True)
-    gap = m[..., None] / per_row - lg.x / per_row
-    present = None
-    if weights is not None:
-        present = jnp.broadcast_to(_reduce.along_classes(weights, gap), gap.shape)
-        gap = gap * present
-    if lg.class_mask is not None:
-        gap = jnp.where(lg.class_mask, gap, jnp.zeros((), gap.dtype))
-        if present is not None:
-            present = jnp.where(lg.class_mask, present, jnp.zeros((), gap.dtype))
-    mean_weight = 1.0 if present is None else jnp.sum(present, axis=-1) / lg.count()
-    return mean_weight * log_s + jnp.sum(gap, axis=-1)
-
-
+@_api.public(
+    static=_STATIC,
+    optional=("label_smoothing", "z_loss"),
+    domains={"label_smoothing": UNIT_INTERVAL, "z_loss": NON_NEGATIVE},
+)
 def softmax_cross_entropy_with_integer_labels(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -174,12 +58,12 @@ def softmax_cross_entropy_with_integer_labels(
     where: ArrayLike | None = None,
     *,
     ignore_index: int | None = None,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | ArrayLike = 0.0,
     class_weights: ArrayLike | None = None,
     sample_weights: ArrayLike | None = None,
-    z_loss: float = 0.0,
-    reduction: str = "none",
-):
+    z_loss: float | ArrayLike = 0.0,
+    reduction: Reduction = "none",
+) -> Loss:
     r"""Softmax cross-entropy with integer (class-index) labels.
 
     For an example with logits :math:`x`, label :math:`y`, class weights :math:`w` (ones if
@@ -244,38 +128,49 @@ def softmax_cross_entropy_with_integer_labels(
       Szegedy et al., *Rethinking the Inception Architecture* (label smoothing), 2016;
       Chowdhery et al., *PaLM* (z-loss), 2022.
     """
-    lg, y, info = _hard_targets(
-        _prepare(logits, axis, where),
+    logits, y, weights = _logits.integer_targets(
+        _logits.prepare(logits, axis, where),
         labels,
         ignore_index=ignore_index,
         class_weights=class_weights,
         sample_weights=sample_weights,
     )
-    m, log_s = _log_normalizer(lg.x, lg.class_mask)
-    nll = log_s + (m - _reduce.take_class(lg.x, y))
-    weights = _class_weight_vector(class_weights, lg)
-    if weights is not None:
-        nll = nll * weights[y]
-    loss = nll
-    if not _checks.is_zero(label_smoothing):
-        smooth = _mean_neg_log_probs(lg, m, log_s, weights)
-        loss = (1 - label_smoothing) * nll + label_smoothing * smooth
-    loss = loss + _z_term(z_loss, m, log_s)
-    return _reduce.finish(loss, info, reduction)
+    eps, z, weights = _options(weights, logits.dtype, label_smoothing, z_loss)
+    m, log_s = _logits.log_normalizer(logits.values, logits.class_mask)
+    hard = (
+        jnp.ones(logits.batch_shape, logits.dtype)
+        if weights.label_weight is None
+        else weights.label_weight
+    )
+    if eps is not None:
+        hard = (1 - eps) * hard
+    loss = _numerics.neg_log_softmax_at(hard, _reduce.take_class(logits.values, y), m, log_s)
+    if eps is not None:
+        coef = _smoothing_coefficients(logits, eps, weights.class_weights)
+        loss = loss + _numerics.neg_log_softmax_sum(
+            coef, logits.values, m, log_s, logits.class_mask
+        )
+    loss = loss + _z_term(z, m, log_s)
+    return _reduce.weigh_and_reduce(loss, weights, reduction)
 
 
+@_api.public(
+    static=("axis", "reduction"),
+    optional=("label_smoothing", "z_loss"),
+    domains={"label_smoothing": UNIT_INTERVAL, "z_loss": NON_NEGATIVE},
+)
 def softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
     axis: int | tuple[int, ...] = -1,
     where: ArrayLike | None = None,
     *,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | ArrayLike = 0.0,
     class_weights: ArrayLike | None = None,
     sample_weights: ArrayLike | None = None,
-    z_loss: float = 0.0,
-    reduction: str = "none",
-):
+    z_loss: float | ArrayLike = 0.0,
+    reduction: Reduction = "none",
+) -> Loss:
     r"""Softmax cross-entropy with probability (soft) targets.
 
     .. math::
@@ -316,30 +211,21 @@ def softmax_cross_entropy(
       >>> round(float(bits(q2, p)), 4)  # not symmetric
       0.786
     """
-    lg, t, info = _soft_targets(_prepare(logits, axis, where), labels, sample_weights)
-    if not _checks.is_zero(label_smoothing):
-        t = (1 - label_smoothing) * t + label_smoothing / lg.count(keepdims=True)
-    m, log_s = _log_normalizer(lg.x, lg.class_mask)
-    log_p = _log_softmax(lg.x, m, log_s)
-    loss = -jnp.sum(
-        _safe_product(t, log_p, lg.class_mask, _class_weight_vector(class_weights, lg)), axis=-1
+    logits, t, weights = _logits.probability_targets(
+        _logits.prepare(logits, axis, where), labels, sample_weights, class_weights
     )
-    loss = loss + _z_term(z_loss, m, log_s)
-    return _reduce.finish(loss, info, reduction)
+    eps, z, weights = _options(weights, logits.dtype, label_smoothing, z_loss)
+    if eps is not None:
+        t = (1 - eps) * t + eps / logits.count(keepdims=True)
+    if weights.class_weights is not None:
+        t = t * _reduce.along_classes(weights.class_weights, t)
+    m, log_s = _logits.log_normalizer(logits.values, logits.class_mask)
+    loss = _numerics.neg_log_softmax_sum(t, logits.values, m, log_s, logits.class_mask)
+    loss = loss + _z_term(z, m, log_s)
+    return _reduce.weigh_and_reduce(loss, weights, reduction)
 
 
-def _safe_product(t: Array, log_p: Array, class_mask: Array | None, weights=None) -> Array:
-    """``w * t * log_p`` with ``0 * log 0 = 0`` and masked classes dropped, NaN-free gradients."""
-    drop = (t == 0) & (log_p == -jnp.inf)
-    if class_mask is not None:
-        drop = drop | ~class_mask
-    log_p = jnp.where(drop, jnp.zeros((), log_p.dtype), log_p)
-    out = t * log_p
-    if class_mask is not None:
-        out = jnp.where(class_mask, out, jnp.zeros((), out.dtype))
-    return out if weights is None else out * _reduce.along_classes(weights, out)
-
-
+@_api.public(static=_STATIC)
 def nll_loss(
     log_probs: ArrayLike,
     labels: ArrayLike,
@@ -348,8 +234,8 @@ def nll_loss(
     ignore_index: int | None = None,
     class_weights: ArrayLike | None = None,
     sample_weights: ArrayLike | None = None,
-    reduction: str = "none",
-):
+    reduction: Reduction = "none",
+) -> Loss:
     r"""Negative log-likelihood of integer labels under given log-probabilities.
 
     .. math::
@@ -380,23 +266,26 @@ def nll_loss(
       >>> jaxce.nll_loss(jax.nn.log_softmax(logits), jnp.array([0, 2]))
       Array([0.3168, 0.6657], dtype=float32)
     """
-    lg, y, info = _hard_targets(
-        _prepare(log_probs, axis, None, name="log_probs"),
+    logits, y, weights = _logits.integer_targets(
+        _logits.prepare(log_probs, axis, None, name="log_probs"),
         labels,
         ignore_index=ignore_index,
         class_weights=class_weights,
         sample_weights=sample_weights,
     )
-    loss = -_reduce.take_class(lg.x, y)
-    weights = _class_weight_vector(class_weights, lg)
-    if weights is not None:
-        loss = loss * weights[y]
-    return _reduce.finish(loss, info, reduction)
+    log_p = _reduce.take_class(logits.values, y)
+    if weights.label_weight is None:
+        loss = -log_p
+    else:  # a zero class weight masks exactly, also a -inf log-probability
+        w = weights.label_weight
+        loss = -(w * jnp.where(w == 0, jnp.zeros((), log_p.dtype), log_p))
+    return _reduce.weigh_and_reduce(loss, weights, reduction)
 
 
+@_api.public(static=("axis",), domains={"alpha": UNIT_INTERVAL})
 def smooth_labels(
     labels: ArrayLike,
-    alpha: float,
+    alpha: float | ArrayLike,
     axis: int | tuple[int, ...] = -1,
     *,
     where: ArrayLike | None = None,
@@ -413,10 +302,13 @@ def smooth_labels(
       labels: float targets (usually one-hot), classes on ``axis``.
       alpha: smoothing weight in ``[0, 1]``.
       axis: the class axis or axes.
-      where: optional class mask broadcastable to ``labels``.
+      where: optional class mask broadcastable to ``labels``. As in optax, every class of a
+        row gets :math:`\alpha / C` with :math:`C` the classes left in; a row with no class
+        left gets no uniform part (optax gives ``inf`` there).
 
     Returns:
-      Smoothed targets, ``labels``'s shape and dtype.
+      Smoothed targets, ``labels``'s shape and dtype. A concrete ``alpha`` outside
+      ``[0, 1]`` raises ``ValueError``; a traced one gives NaN.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -425,27 +317,41 @@ def smooth_labels(
       Array([0.05, 0.85, 0.05, 0.05], dtype=float32)
     """
     labels = _checks.as_floating(labels, "labels")
-    axes = _checks.class_axes(axis, labels.ndim, "labels")
+    layout = _logits.ClassLayout.of(axis, labels.ndim, "labels")
+    num_classes = layout.num_classes(labels.shape)
+    if num_classes == 0:
+        raise ValueError(
+            f"`labels` has shape {labels.shape}: the class axis {layout.axes} is empty."
+        )
+    dtype = _reduce.compute_dtype(labels.dtype)
+    a, bad = _checks.hyperparameter(alpha, "alpha", dtype, UNIT_INTERVAL)
+    t = labels.astype(dtype)
     if where is None:
-        count = 1
-        for a in axes:
-            count *= labels.shape[a]
+        uniform = a / num_classes
     else:
-        where = _checks.as_mask(where, "where")
-        count = jnp.sum(where, axis=axes, keepdims=True)
-    return ((1.0 - alpha) * labels + alpha / count).astype(labels.dtype)
+        mask = _checks.broadcastable(
+            _checks.as_mask(where, "where"), "where", labels.shape, "a class mask for `labels`"
+        )
+        # optax's values: alpha / count on every class of the row, masked ones included; a
+        # row with no class left gets no uniform part (optax divides by zero there).
+        count = jnp.sum(mask, axis=layout.axes, keepdims=True).astype(dtype)
+        empty = count == 0
+        uniform = jnp.where(empty, jnp.zeros((), dtype), a / jnp.where(empty, 1, count))
+    smoothed = (1 - a) * t + uniform
+    return jnp.where(bad, jnp.full((), jnp.nan, dtype), smoothed).astype(labels.dtype)
 
 
+@_api.public(static=("axis", "reduction"))
 def poly_loss_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
-    epsilon: float = 2.0,
+    epsilon: float | ArrayLike = 2.0,
     axis: int | tuple[int, ...] = -1,
     where: ArrayLike | None = None,
     *,
     sample_weights: ArrayLike | None = None,
-    reduction: str = "none",
-):
+    reduction: Reduction = "none",
+) -> Loss:
     r"""Poly-1 loss: cross-entropy plus :math:`\epsilon` times the first polynomial term.
 
     .. math::
@@ -476,28 +382,48 @@ def poly_loss_cross_entropy(
       Leng et al., *PolyLoss: A Polynomial Expansion Perspective of Classification Loss
       Functions*, 2022.
     """
-    lg, t, info = _soft_targets(_prepare(logits, axis, where), labels, sample_weights)
-    m, log_s = _log_normalizer(lg.x, lg.class_mask)
-    log_p = _log_softmax(lg.x, m, log_s)
-    ce = -jnp.sum(_safe_product(t, log_p, lg.class_mask), axis=-1)
-    one_minus_p = -jnp.expm1(log_p)
-    if lg.class_mask is not None:
-        one_minus_p = jnp.where(lg.class_mask, one_minus_p, jnp.zeros((), t.dtype))
-    return _reduce.finish(ce + epsilon * jnp.sum(t * one_minus_p, axis=-1), info, reduction)
+    logits, t, weights = _logits.probability_targets(
+        _logits.prepare(logits, axis, where), labels, sample_weights
+    )
+    eps = _checks.as_hyperparameter(epsilon, "epsilon", logits.dtype)
+    m, log_s = _logits.log_normalizer(logits.values, logits.class_mask)
+    ce = _numerics.neg_log_softmax_sum(t, logits.values, m, log_s, logits.class_mask)
+    one_minus_p = -jnp.expm1((logits.values - m[..., None]) - log_s[..., None])
+    if logits.class_mask is not None:
+        one_minus_p = jnp.where(logits.class_mask, one_minus_p, jnp.zeros((), t.dtype))
+    loss = ce + eps * jnp.sum(t * one_minus_p, axis=-1)
+    return _reduce.weigh_and_reduce(loss, weights, reduction)
 
 
+def _focal_factor(log_p: Array, gamma: Array) -> Array:
+    """``(1 - p) ** gamma``, held constant where ``p`` underflows to 0.
+
+    There its true derivative is about ``gamma * p = 0``, and it would meet the infinite
+    cotangent of ``-log p`` (0 * inf = NaN) for logits near the dtype's limit.
+    """
+    factor = _numerics.focal_power(_numerics.log_one_minus_exp(log_p), gamma)
+    return jnp.where(log_p == -jnp.inf, jax.lax.stop_gradient(factor), factor)
+
+
+def _alpha_per_class(alpha, logits: _logits.Logits) -> Array:
+    if jnp.ndim(alpha) == 0:
+        return _checks.as_hyperparameter(alpha, "alpha", logits.dtype)
+    return _reduce.class_vector(alpha, "alpha", logits.num_classes, logits.dtype)
+
+
+@_api.public(static=_STATIC, domains={"gamma": NON_NEGATIVE})
 def softmax_focal_loss(
     logits: ArrayLike,
     labels: ArrayLike,
-    *,
-    gamma: float = 2.0,
-    alpha: float | ArrayLike | None = None,
     axis: int | tuple[int, ...] = -1,
     where: ArrayLike | None = None,
+    *,
+    gamma: float | ArrayLike = 2.0,
+    alpha: float | ArrayLike | None = None,
     ignore_index: int | None = None,
     sample_weights: ArrayLike | None = None,
-    reduction: str = "none",
-):
+    reduction: Reduction = "none",
+) -> Loss:
     r"""Multi-class focal loss.
 
     Integer labels:
@@ -537,40 +463,31 @@ def softmax_focal_loss(
     References:
       Lin et al., *Focal Loss for Dense Object Detection*, 2017.
     """
-    lg = _prepare(logits, axis, where)
+    logits = _logits.prepare(logits, axis, where)
     labels = jnp.asarray(labels)
-    if jnp.issubdtype(labels.dtype, jnp.integer):
-        lg, y, info = _hard_targets(
-            lg, labels, ignore_index=ignore_index, sample_weights=sample_weights
+    integer = jnp.issubdtype(labels.dtype, jnp.integer)
+    if integer:
+        logits, y, weights = _logits.integer_targets(
+            logits, labels, ignore_index=ignore_index, sample_weights=sample_weights
         )
-        m, log_s = _log_normalizer(lg.x, lg.class_mask)
-        log_p_y = (_reduce.take_class(lg.x, y) - m) - log_s
-        loss = -_focal_factor(log_p_y, gamma) * log_p_y
-        if alpha is not None:
-            loss = loss * (_alpha(alpha, lg)[y] if jnp.ndim(alpha) else alpha)
-        return _reduce.finish(loss, info, reduction)
-    if ignore_index is not None:
+    elif ignore_index is not None:
         raise ValueError("`ignore_index` applies to integer labels only; got float `labels`.")
-    lg, t, info = _soft_targets(lg, labels, sample_weights)
-    m, log_s = _log_normalizer(lg.x, lg.class_mask)
-    log_p = _log_softmax(lg.x, m, log_s)
-    terms = _focal_factor(log_p, gamma) * _safe_product(t, log_p, lg.class_mask)
-    if alpha is not None:
-        terms = terms * (
-            _reduce.along_classes(_alpha(alpha, lg), terms) if jnp.ndim(alpha) else alpha
-        )
-    return _reduce.finish(-jnp.sum(terms, axis=-1), info, reduction)
-
-
-def _alpha(alpha, lg: _Logits) -> Array:
-    return _reduce.class_vector(alpha, "alpha", lg.num_classes, lg.x.dtype)
-
-
-def _focal_factor(log_p: Array, gamma) -> Array:
-    """``(1 - p) ** gamma`` from ``log p``; zero gradient (exact) where ``p`` rounds to 1."""
-    one_minus_p = -jnp.expm1(log_p)
-    positive = one_minus_p > 0
-    safe = jnp.where(positive, one_minus_p, jnp.ones((), log_p.dtype))
-    factor = jnp.exp(gamma * jnp.log(safe))
-    at_one = jnp.where(jnp.asarray(gamma) == 0, 1.0, 0.0).astype(log_p.dtype)
-    return jnp.where(positive, factor, at_one)
+    else:
+        logits, t, weights = _logits.probability_targets(logits, labels, sample_weights)
+    g, bad = _checks.hyperparameter(gamma, "gamma", logits.dtype, NON_NEGATIVE)
+    weights = weights.with_invalid(bad)
+    a = None if alpha is None else _alpha_per_class(alpha, logits)
+    m, log_s = _logits.log_normalizer(logits.values, logits.class_mask)
+    if integer:
+        x_y = _reduce.take_class(logits.values, y)
+        coef = _focal_factor((x_y - m) - log_s, g)
+        if a is not None:
+            coef = coef * (a if a.ndim == 0 else a[y])
+        loss = _numerics.neg_log_softmax_at(coef, x_y, m, log_s)
+    else:
+        log_p = (logits.values - m[..., None]) - log_s[..., None]
+        coef = _focal_factor(log_p, g) * t
+        if a is not None:
+            coef = coef * (a if a.ndim == 0 else _reduce.along_classes(a, coef))
+        loss = _numerics.neg_log_softmax_sum(coef, logits.values, m, log_s, logits.class_mask)
+    return _reduce.weigh_and_reduce(loss, weights, reduction)

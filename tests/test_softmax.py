@@ -865,7 +865,7 @@ def test_checkify_names_the_bad_label():
                 x, y, where=np.ones((2, 6, 5), bool)
             ),
             ValueError,
-            r"`where` has shape \(2, 6, 5\)",
+            r"`where` has rank 3 \(shape \(2, 6, 5\)\)",
         ),
         (
             lambda x, y: jaxce.softmax_cross_entropy(x, np.ones((6, 4), np.float32)),

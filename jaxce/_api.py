@@ -1,0 +1,61 @@
+"""Public losses are jit-compiled functions, as ``jax.nn``'s are.
+
+``public`` wraps a loss in ``jax.jit`` so that an eager call costs one dispatch of a cached
+executable, not a trace. Before the call it does the few things only Python can do:
+
+* options that shape the computation (``axis``, ``reduction``, ``ignore_index``, sizes) are
+  static and brought to a hashable canonical form (NumPy ints become ``int``, lists tuples);
+* float hyperparameters stay traced, so a schedule under an outer ``jit`` never recompiles,
+  but a concrete (Python or NumPy) value outside its domain raises ``ValueError`` here;
+* an ``optional`` hyperparameter that is a concrete ``0`` is passed as ``None``, so that the
+  loss compiles without its term (``_checks.is_off``) instead of adding a traced zero.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import ParamSpec, TypeVar
+
+import jax
+
+from jaxce import _checks
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def public(
+    *,
+    static: Sequence[str] = (),
+    optional: Sequence[str] = (),
+    domains: Mapping[str, _checks.Domain] | None = None,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorator: ``jax.jit`` with static ``static`` options and eager parameter checks."""
+    static = tuple(static)
+    optional = tuple(optional)
+    domains = dict(domains or {})
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        signature = inspect.signature(fn)
+        compiled = jax.jit(fn, static_argnames=static)
+
+        @functools.wraps(fn)
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            bound = signature.bind(*args, **kwargs)
+            given = bound.arguments
+            for name in static:
+                if name in given:
+                    given[name] = _checks.static_option(given[name], name)
+            for name, domain in domains.items():
+                if name in given:
+                    _checks.check_concrete_domain(given[name], name, domain)
+            for name in optional:
+                if name in given and _checks.is_zero(given[name]):
+                    given[name] = None
+            return compiled(*bound.args, **bound.kwargs)
+
+        return call
+
+    return decorate
