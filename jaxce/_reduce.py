@@ -196,9 +196,12 @@ def take_class(x: Array, labels: Array) -> Array:
     A gather, measured against a compare-and-select reduction (which avoids a scatter in the
     backward pass): on CPU the select's transpose materialises an ``(N, C)`` array that XLA does
     not fuse (512 MiB at 4096 x 32768), while the gather's scatter-add updates the gradient in
-    place, 2.5x faster with no temporary.
+    place, 2.5x faster with no temporary. It is written as flat integer indexing rather than
+    ``take_along_axis``: the latter's gradient breaks ``checkify`` with all checks enabled.
     """
-    return jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
+    rows = math.prod(labels.shape)
+    flat = x.reshape(rows, x.shape[-1])[jnp.arange(rows), labels.reshape(rows)]
+    return flat.reshape(labels.shape)
 
 
 def weigh_and_reduce(raw_loss: Array, weights: ExampleWeights, reduction: str):
