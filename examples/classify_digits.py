@@ -96,16 +96,10 @@ def save_figure(path: str, train: MetricHistory, test: MetricHistory) -> None:
         ax_accuracy.legend(frameon=False, loc="lower right")
 
 
-def parse_args(argv=None):
-    parser = command_line(__doc__, steps=500, batch_size=128, lr=3e-3, eval_every=50)
-    parser.add_argument(
-        "--label-smoothing", type=float, default=0.1, help="label smoothing of the loss"
-    )
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    parser = command_line(__doc__, steps=500, batch_size=128, lr=3e-3, eval_every=50)
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="target smoothing ε")
+    args = parser.parse_args(argv)
     run = ScriptRun("classify_digits", args)
 
     x_train, y_train, x_test, y_test = load_digits_split(args.seed)

@@ -146,18 +146,12 @@ def save_figure(path, runs: dict[str, tuple[MetricHistory, MetricHistory]]) -> N
         fig.legend(loc="outside lower center", ncol=len(runs), frameon=False)
 
 
-def parse_args(argv=None):
-    parser = command_line(__doc__, steps=400, batch_size=128, lr=1e-2, eval_every=25)
-    parser.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T")
-    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term")
-    parser.add_argument(
-        "--student-hidden", type=int, default=16, help="hidden units of the student MLP"
-    )
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    parser = command_line(__doc__, steps=400, batch_size=128, lr=1e-2, eval_every=25)
+    parser.add_argument("--temperature", type=float, default=2.0, help="T of the KL term")
+    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term")
+    parser.add_argument("--student-hidden", type=int, default=16, help="student's hidden units")
+    args = parser.parse_args(argv)
     run = ScriptRun("distill", args)
     x_train, y_train, x_test, y_test = load_digits_split(args.seed)
     test_data = (jnp.asarray(x_test), jnp.asarray(y_test))

@@ -160,14 +160,10 @@ def save_figure(path: str, images, labels, pred, num: int = 6) -> None:
         )
 
 
-def parse_args(argv=None):
+def main(argv=None) -> dict:
     parser = command_line(__doc__, steps=400, batch_size=32, lr=3e-3)
     parser.add_argument("--num-test", type=int, default=128, help="held-out images")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     run = ScriptRun("segment_shapes", args)
     rng = np.random.default_rng(args.seed)
     test_images, test_labels = make_shapes(np.random.default_rng([args.seed, 1]), args.num_test)

@@ -195,7 +195,7 @@ def save_figure(path, train: MetricHistory, validation: MetricHistory) -> None:
         ax_perplexity.set_yscale("log")
 
 
-def parse_args(argv=None):
+def main(argv=None) -> dict:
     parser = command_line(__doc__, steps=500, batch_size=32, lr=3e-3, eval_every=100)
     parser.add_argument("--seq-len", type=int, default=64, help="context length in characters")
     parser.add_argument("--dim", type=int, default=64, help="model width")
@@ -204,14 +204,8 @@ def parse_args(argv=None):
     parser.add_argument("--z-loss", type=float, default=1e-4, help="weight of the z-loss")
     parser.add_argument("--prompt", default="def ", help="start of the sampled text")
     parser.add_argument("--generate", type=int, default=160, help="characters to sample")
-    parser.add_argument(
-        "--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy"
-    )
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling; 0 is greedy")
+    args = parser.parse_args(argv)
     run = ScriptRun("tiny_lm", args)
     tokenizer = Tokenizer()
     data = tokenizer.encode(load_corpus())

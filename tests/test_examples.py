@@ -2,9 +2,10 @@
 
 The scripts are not a package: each is loaded from its file with ``importlib``, with
 ``examples/`` on ``sys.path`` for their shared ``_training_support`` module, as ``python
-examples/<script>.py`` has it. Every smoke test runs a few steps and checks that the loss fell
-and that the metrics and figures were written; ``test_classify_digits_default_run`` trains the
-main demo with its default settings and checks the held-out accuracy it promises.
+examples/<script>.py`` has it. Every smoke test runs a few steps and checks that the loss
+fell, that the metrics and figure were written and that the summary line was printed;
+``test_classify_digits_default_run`` trains the main demo with its default settings and
+checks the held-out accuracy it promises.
 """
 
 import importlib.util
@@ -39,65 +40,48 @@ def load_example(name: str):
     return module
 
 
-def check_outputs(metrics: dict, out: pathlib.Path, name: str) -> None:
+def run_example(name: str, options: str, out: pathlib.Path, capsys) -> tuple[dict, str]:
+    """Runs ``examples/<name>.py <options>`` in-process; checks its outputs and summary line.
+
+    Returns the metrics ``main`` returned and the summary line it printed last.
+    """
+    metrics = load_example(name).main([*options.split(), "--no-progress", "--out", str(out)])
     assert metrics["last_loss"] < metrics["first_loss"], metrics
     png = out / f"{name}.png"
     assert png.is_file() and png.stat().st_size > 1000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / f"{name}.json").read_text())
     assert saved["last_loss"] == pytest.approx(metrics["last_loss"])
-
-
-def summary_line(output: str, name: str) -> str:
-    """The script's last printed line, checked to be its summary: name, backend, steps, time."""
-    line = output.strip().splitlines()[-1]
+    line = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(rf"{name}: backend=\w+ steps=\d+ .+ time=\d+\.\ds", line), line
-    return line
+    return metrics, line
 
 
 @pytest.mark.slow
 def test_classify_digits_smoke(tmp_path, capsys):
-    example = load_example("classify_digits")
-    args = ["--steps", "40", "--batch-size", "64", "--eval-every", "20", "--no-progress"]
-    metrics = example.main([*args, "--out", str(tmp_path)])
-    check_outputs(metrics, tmp_path, "classify_digits")
-    line = summary_line(capsys.readouterr().out, "classify_digits")
+    options = "--steps 40 --batch-size 64 --eval-every 20"
+    metrics, line = run_example("classify_digits", options, tmp_path, capsys)
     assert re.search(r" loss \d\.\d{3} -> \d\.\d{3} test_acc=\d+\.\d\d% \(450 held out\)", line)
     assert metrics["steps"] == 40
-    again = example.main([*args, "--out", str(tmp_path)])
+    again, _ = run_example("classify_digits", options, tmp_path, capsys)
     assert again["last_loss"] == metrics["last_loss"]  # deterministic for a seed
     assert again["test_accuracy"] == metrics["test_accuracy"]
 
 
 @pytest.mark.slow
-def test_classify_digits_default_run(tmp_path):
+def test_classify_digits_default_run(tmp_path, capsys):
     """The README promises >= 97% held-out accuracy for the default run."""
-    metrics = load_example("classify_digits").main(["--no-progress", "--out", str(tmp_path)])
-    check_outputs(metrics, tmp_path, "classify_digits")
+    metrics, _ = run_example("classify_digits", "", tmp_path, capsys)
     assert metrics["test_accuracy"] >= 0.97, metrics
 
 
 @pytest.mark.slow
 def test_segment_shapes_smoke(tmp_path, capsys):
-    example = load_example("segment_shapes")
-    metrics = example.main(
-        [
-            "--steps",
-            "30",
-            "--batch-size",
-            "16",
-            "--num-test",
-            "16",
-            "--no-progress",
-            "--out",
-            str(tmp_path),
-        ]
-    )
-    check_outputs(metrics, tmp_path, "segment_shapes")
-    line = summary_line(capsys.readouterr().out, "segment_shapes")
+    options = "--steps 30 --batch-size 16 --num-test 16"
+    metrics, line = run_example("segment_shapes", options, tmp_path, capsys)
     assert re.search(r" mIoU=\d\.\d{3} pixel_acc=\d+\.\d\d%", line)
     assert 0.0 <= metrics["pixel_accuracy"] <= 1.0
-    assert set(metrics["iou"]) == set(example.CLASSES)
+    assert set(metrics["iou"]) == set(load_example("segment_shapes").CLASSES)
     assert 0.0 < metrics["ignored_fraction"] < 0.5
     assert metrics["class_weights"]["background"] == pytest.approx(1.0)
     assert min(metrics["class_weights"].values()) == pytest.approx(1.0)  # rare classes weigh more
@@ -114,12 +98,7 @@ def test_segment_shapes_data():
 
 @pytest.mark.slow
 def test_distill_smoke(tmp_path, capsys):
-    example = load_example("distill")
-    metrics = example.main(
-        ["--steps", "30", "--eval-every", "15", "--no-progress", "--out", str(tmp_path)]
-    )
-    check_outputs(metrics, tmp_path, "distill")
-    line = summary_line(capsys.readouterr().out, "distill")
+    metrics, line = run_example("distill", "--steps 30 --eval-every 15", tmp_path, capsys)
     assert re.search(r" teacher_acc=\S+% \(\d+ params\) student_acc=\S+% \(\d+ params; ", line)
     assert metrics["teacher_last_loss"] < metrics["teacher_first_loss"]
     assert metrics["student_params"] < metrics["teacher_params"] // 10
@@ -129,24 +108,8 @@ def test_distill_smoke(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_tiny_lm_smoke(tmp_path, capsys):
-    example = load_example("tiny_lm")
-    metrics = example.main(
-        [
-            "--steps",
-            "30",
-            "--batch-size",
-            "8",
-            "--eval-every",
-            "15",
-            "--generate",
-            "20",
-            "--no-progress",
-            "--out",
-            str(tmp_path),
-        ]
-    )
-    check_outputs(metrics, tmp_path, "tiny_lm")
-    line = summary_line(capsys.readouterr().out, "tiny_lm")
+    options = "--steps 30 --batch-size 8 --eval-every 15 --generate 20"
+    metrics, line = run_example("tiny_lm", options, tmp_path, capsys)
     assert re.search(r" val_ppl \d+\.\d -> \d+\.\d\d \(\d+ params, vocab 97\)", line)
     assert metrics["val_perplexity"] < metrics["initial_val_perplexity"]
     assert metrics["sample"].startswith("def ") and len(metrics["sample"]) == 24
@@ -193,7 +156,7 @@ DEFAULT_STEPS = {"classify_digits": 500, "segment_shapes": 400, "distill": 400, 
 def test_help_lists_every_option_with_its_default(name, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # one line per option
     with pytest.raises(SystemExit) as exit_info:
-        load_example(name).parse_args(["--help"])
+        load_example(name).main(["--help"])
     assert exit_info.value.code == 0
     # One block per option: its line in the listing and any wrapped continuation lines.
     listing = capsys.readouterr().out.split("options:", 1)[1]
@@ -202,7 +165,9 @@ def test_help_lists_every_option_with_its_default(name, capsys, monkeypatch):
     assert set(described) == {"--help", *COMMON_OPTIONS, *OWN_OPTIONS[name]}
     for option, block in described.items():
         if option != "--help":  # the option, its metavar, a help text, then the default
-            assert re.match(rf"\s*{option}(?: [A-Z_]+)?\s{{2,}}\w.*\(default: .+\)", block, re.S), block
+            assert re.match(rf"\s*{option}(?: [A-Z_]+)?\s{{2,}}\w.*\(default: .+\)", block, re.S), (
+                block
+            )
     assert f"(default: {DEFAULT_STEPS[name]})" in described["--steps"]
 
 
