@@ -168,11 +168,11 @@ def main(argv=None) -> dict:
 
     student_key = keys()  # both students start from the same weights and see the same batches
     student = Student(args.student_hidden, rngs=nnx.Rngs(student_key))
-    distill_with = functools.partial(distill_step, temperature=args.temperature, alpha=args.alpha)
+    kd_step = functools.partial(distill_step, temperature=args.temperature, alpha=args.alpha)
     runs[f"student (KD, T={args.temperature:g})"] = train(
         run,
         student,
-        distill_with,
+        kd_step,
         (x_train, y_train, teacher_logits),
         test_data,
         np.random.default_rng([args.seed, 1]),
