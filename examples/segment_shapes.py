@@ -127,13 +127,14 @@ def eval_step(model, metrics, images, labels):
 
 
 def per_class_iou(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    keep = labels != IGNORE
-    p, t = pred[keep], labels[keep]
+    """Intersection over union of each class over the labelled pixels (NaN for an absent class)."""
+    labelled = labels != IGNORE
+    predicted, target = pred[labelled], labels[labelled]
     ious = []
     for c in range(num_classes):
-        inter = np.sum((p == c) & (t == c))
-        union = np.sum((p == c) | (t == c))
-        ious.append(inter / union if union else np.nan)
+        intersection = np.sum((predicted == c) & (target == c))
+        union = np.sum((predicted == c) | (target == c))
+        ious.append(intersection / union if union else np.nan)
     return np.asarray(ious)
 
 
