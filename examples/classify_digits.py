@@ -13,35 +13,23 @@ Writes ``classify_digits.png`` (loss and accuracy curves) and ``classify_digits.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _training_support import (
+    MetricHistory,
+    ScriptRun,
+    command_line,
+    figure,
+    load_digits_split,
+    shuffled_batches,
+)
 from flax import nnx
-from tqdm.auto import tqdm
 
 import jaxce
 
 NUM_CLASSES = 10
-
-
-def load_data(seed: int, test_fraction: float = 0.25):
-    """Digits as float32 ``(N, 8, 8, 1)`` images in [0, 1] and int32 labels, split by class."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[..., None]
-    labels = digits.target.astype(np.int32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=test_fraction, stratify=labels, random_state=seed
-    )
-    return x_train, y_train, x_test, y_test
 
 
 class CNN(nnx.Module):
@@ -62,7 +50,7 @@ class CNN(nnx.Module):
         return self.fc2(x)  # (N, classes) logits
 
 
-def loss_fn(model: CNN, images, labels, label_smoothing: float):
+def loss_fn(model: CNN, images, labels, label_smoothing):
     logits = model(images)
     loss = jaxce.softmax_cross_entropy_with_integer_labels(
         logits, labels, label_smoothing=label_smoothing, reduction="mean"
@@ -70,17 +58,18 @@ def loss_fn(model: CNN, images, labels, label_smoothing: float):
     return loss, logits
 
 
-@nnx.jit(static_argnames="label_smoothing")
-def train_step(model, optimizer, images, labels, label_smoothing: float):
+@nnx.jit
+def train_step(model, optimizer, metrics, images, labels, label_smoothing):
+    # label_smoothing is traced, not static: another value does not recompile the step.
     grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
-    (loss, _), grads = grad_fn(model, images, labels, label_smoothing)
+    (loss, logits), grads = grad_fn(model, images, labels, label_smoothing)
     optimizer.update(model, grads)
-    return loss
+    metrics.update(loss=loss, logits=logits, labels=labels)
 
 
 @nnx.jit
-def accuracy(model, images, labels):
-    return jnp.mean(jnp.argmax(model(images), axis=-1) == labels)
+def eval_step(model, metrics, images, labels):
+    metrics.update(logits=model(images), labels=labels)
 
 
 def random_shift(rng: np.random.Generator, images: np.ndarray, max_shift: int = 1):
@@ -93,49 +82,27 @@ def random_shift(rng: np.random.Generator, images: np.ndarray, max_shift: int = 
     return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
-def save_plot(path: str, loss_steps, losses, eval_steps, accuracies) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(8, 3), dpi=90)
-    ax_loss.plot(loss_steps, losses, lw=0.6, alpha=0.4, color="C0", label="batch")
-    k = max(1, len(losses) // 50)
-    if len(losses) >= k:
-        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-        ax_loss.plot(loss_steps[k - 1 :], smooth, color="C0", label=f"mean of {k}")
-    ax_loss.set(xlabel="step", ylabel="training loss", title="cross-entropy (label smoothing)")
-    ax_loss.legend(frameon=False)
-    ax_acc.plot(eval_steps, np.asarray(accuracies) * 100, marker=".", color="C1")
-    ax_acc.axhline(97, color="grey", lw=0.6, ls="--")
-    ax_acc.set(xlabel="step", ylabel="held-out accuracy (%)", title="test accuracy")
-    ax_acc.set_ylim(max(0, min(np.asarray(accuracies) * 100) - 2), 100.5)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=500, help="training steps")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0, help="seeds the split, init and batches")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine decay)")
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return p.parse_args(argv)
+def save_figure(path: str, train: MetricHistory, test: MetricHistory) -> None:
+    with figure(path) as (_, (ax_loss, ax_accuracy)):
+        ax_loss.plot(train.steps, train["loss"], color="C0")
+        ax_loss.set(xlabel="step", ylabel="training loss", title="cross-entropy (label smoothing)")
+        train_accuracy = np.asarray(train["accuracy"]) * 100
+        test_accuracy = np.asarray(test["accuracy"]) * 100
+        ax_accuracy.plot(train.steps, train_accuracy, color="C0", lw=0.8, label="training batches")
+        ax_accuracy.plot(test.steps, test_accuracy, marker=".", color="C1", label="held out")
+        ax_accuracy.axhline(97, color="grey", lw=0.6, ls="--", label="97%")
+        ax_accuracy.set(xlabel="step", ylabel="accuracy (%)", title="accuracy")
+        ax_accuracy.set_ylim(max(0, test_accuracy.min() - 2), 100.5)
+        ax_accuracy.legend(frameon=False, loc="lower right")
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    print(f"backend: {jax.default_backend()}")
-    start = time.perf_counter()
+    parser = command_line(__doc__, steps=500, batch_size=128, lr=3e-3, eval_every=50)
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="target smoothing ε")
+    args = parser.parse_args(argv)
+    run = ScriptRun("classify_digits", args)
 
-    x_train, y_train, x_test, y_test = load_data(args.seed)
+    x_train, y_train, x_test, y_test = load_digits_split(args.seed)
     x_test, y_test = jnp.asarray(x_test), jnp.asarray(y_test)
     rng = np.random.default_rng(args.seed)
 
@@ -143,52 +110,39 @@ def main(argv=None) -> dict:
     warmup = min(50, max(1, args.steps // 10))
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(args.steps, warmup + 1))
     optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=1e-4), wrt=nnx.Param)
+    train_metrics = nnx.MultiMetric(
+        loss=nnx.metrics.Average("loss"), accuracy=nnx.metrics.Accuracy()
+    )
+    test_metrics = nnx.MultiMetric(accuracy=nnx.metrics.Accuracy())
+    train_history, test_history = MetricHistory(), MetricHistory()
 
-    losses, eval_steps, accuracies = [], [], []
-    order, cursor = rng.permutation(len(x_train)), 0
-    bar = tqdm(range(1, args.steps + 1), desc="classify_digits", disable=args.no_progress)
-    for step in bar:
-        if cursor + args.batch_size > len(order):  # new epoch
-            order, cursor = rng.permutation(len(x_train)), 0
-        idx = order[cursor : cursor + args.batch_size]
-        cursor += args.batch_size
-        images = random_shift(rng, x_train[idx])
-        loss = train_step(model, optimizer, images, y_train[idx], args.label_smoothing)
-        losses.append(float(loss))
-        if step % args.eval_every == 0 or step == args.steps:
-            eval_steps.append(step)
-            accuracies.append(float(accuracy(model, x_test, y_test)))
-        if step % 10 == 0 or step == args.steps:
-            bar.set_postfix(
-                loss=f"{losses[-1]:.3f}", acc=f"{accuracies[-1]:.3f}" if accuracies else "-"
-            )
-    bar.close()
-    elapsed = time.perf_counter() - start
+    batches = shuffled_batches(rng, len(x_train), args.batch_size)
+    progress = run.progress()
+    for step in progress:
+        batch = next(batches)
+        images = random_shift(rng, x_train[batch])
+        train_step(model, optimizer, train_metrics, images, y_train[batch], args.label_smoothing)
+        if run.is_eval_step(step):
+            eval_step(model, test_metrics, x_test, y_test)
+            test_history.record(step, test_metrics)
+        if run.is_log_step(step):
+            logged = train_history.record(step, train_metrics)
+            progress.set_postfix(logged | test_history.latest("test_"))
+    progress.close()
 
-    tail = max(1, len(losses) // 10)
+    save_figure(run.figure_path, train_history, test_history)
     metrics = {
-        "backend": jax.default_backend(),
-        "steps": args.steps,
-        "seed": args.seed,
-        "first_loss": losses[0],
-        "last_loss": float(np.mean(losses[-tail:])),
-        "test_accuracy": accuracies[-1],
+        "first_loss": train_history.first("loss"),
+        "last_loss": train_history.last("loss"),
+        "test_accuracy": test_history.last("accuracy"),
         "num_train": len(x_train),
         "num_test": len(x_test),
-        "seconds": elapsed,
     }
-    plot_path = os.path.join(args.out, "classify_digits.png")
-    save_plot(plot_path, np.arange(1, len(losses) + 1), losses, eval_steps, accuracies)
-    metrics["plot"] = plot_path
-    with open(os.path.join(args.out, "classify_digits.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    print(
-        f"classify_digits: backend={metrics['backend']} steps={args.steps} "
+    return run.report(
+        metrics,
         f"loss {metrics['first_loss']:.3f} -> {metrics['last_loss']:.3f} "
-        f"test_acc={metrics['test_accuracy']:.2%} ({metrics['num_test']} held out) "
-        f"time={elapsed:.1f}s"
+        f"test_acc={metrics['test_accuracy']:.2%} ({metrics['num_test']} held out)",
     )
-    return metrics
 
 
 if __name__ == "__main__":

@@ -18,34 +18,28 @@ Writes ``distill.png`` (loss and accuracy curves) and ``distill.json`` into ``--
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import time
+import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _training_support import (
+    MetricHistory,
+    ScriptRun,
+    command_line,
+    count_params,
+    figure,
+    load_digits_split,
+    shuffled_batches,
+)
 from flax import nnx
-from tqdm.auto import tqdm
 
 import jaxce
 
 
-def load_data(seed: int, test_fraction: float = 0.25):
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[..., None]
-    labels = digits.target.astype(np.int32)
-    return train_test_split(
-        images, labels, test_size=test_fraction, stratify=labels, random_state=seed
-    )
-
-
 class Teacher(nnx.Module):
+    """The digits demo's CNN: two 3x3 convolutions, a 2x2 average pool, two dense layers."""
+
     def __init__(self, *, rngs: nnx.Rngs):
         self.conv1 = nnx.Conv(1, 32, (3, 3), rngs=rngs)
         self.conv2 = nnx.Conv(32, 64, (3, 3), rngs=rngs)
@@ -59,6 +53,8 @@ class Teacher(nnx.Module):
 
 
 class Student(nnx.Module):
+    """A 64-``hidden``-10 MLP on the flattened image."""
+
     def __init__(self, hidden: int = 16, *, rngs: nnx.Rngs):
         self.fc1 = nnx.Linear(64, hidden, rngs=rngs)
         self.fc2 = nnx.Linear(hidden, 10, rngs=rngs)
@@ -69,186 +65,151 @@ class Student(nnx.Module):
 
 def hard_loss(model, images, labels):
     logits = model(images)
-    return jaxce.softmax_cross_entropy_with_integer_labels(logits, labels, reduction="mean")
+    loss = jaxce.softmax_cross_entropy_with_integer_labels(logits, labels, reduction="mean")
+    return loss, logits
 
 
-def distill_loss(model, images, labels, teacher_logits, temperature: float, alpha: float):
+def distill_loss(model, images, labels, teacher_logits, temperature, alpha):
     logits = model(images)
     soft = jaxce.softmax_kl_divergence(
         logits, teacher_logits, temperature=temperature, reduction="mean"
     )  # T**2 * KL(teacher_T || student_T), averaged over the batch
     hard = jaxce.softmax_cross_entropy_with_integer_labels(logits, labels, reduction="mean")
-    return alpha * soft + (1.0 - alpha) * hard
+    return alpha * soft + (1.0 - alpha) * hard, logits
 
 
 @nnx.jit
-def hard_step(model, optimizer, images, labels):
-    loss, grads = nnx.value_and_grad(hard_loss)(model, images, labels)
+def hard_step(model, optimizer, metrics, images, labels):
+    (loss, logits), grads = nnx.value_and_grad(hard_loss, has_aux=True)(model, images, labels)
     optimizer.update(model, grads)
-    return loss
-
-
-@nnx.jit(static_argnames=("temperature", "alpha"))
-def distill_step(model, optimizer, images, labels, teacher_logits, temperature, alpha):
-    loss, grads = nnx.value_and_grad(distill_loss)(
-        model, images, labels, teacher_logits, temperature, alpha
-    )
-    optimizer.update(model, grads)
-    return loss
+    metrics.update(loss=loss, logits=logits, labels=labels)
 
 
 @nnx.jit
-def logits_of(model, images):
+def distill_step(model, optimizer, metrics, images, labels, teacher_logits, temperature, alpha):
+    # temperature and alpha are traced, not static: other values do not recompile the step.
+    grad_fn = nnx.value_and_grad(distill_loss, has_aux=True)
+    (loss, logits), grads = grad_fn(model, images, labels, teacher_logits, temperature, alpha)
+    optimizer.update(model, grads)
+    metrics.update(loss=loss, logits=logits, labels=labels)
+
+
+@nnx.jit
+def predict_logits(model, images):
     return model(images)
 
 
-def accuracy(model, images, labels) -> float:
-    return float(jnp.mean(jnp.argmax(logits_of(model, images), axis=-1) == labels))
+@nnx.jit
+def eval_step(model, metrics, images, labels):
+    metrics.update(logits=model(images), labels=labels)
 
 
-def train(name, model, step_fn, data, args, rng, eval_data, per_example=(), static=()):
-    """Adam with cosine decay; returns (losses, eval steps, test accuracies).
+def train(run, model, train_step, train_arrays, test_data, rng, description):
+    """Adam with cosine decay over ``--steps``; returns the training and test histories.
 
-    ``per_example`` arrays are batched like the data; ``static`` values are passed as they are.
+    ``train_arrays`` (images, labels, then any per-example targets) are batched together and
+    passed to ``train_step(model, optimizer, metrics, *batch)``.
     """
-    x, y = data
+    args = run.args
     schedule = optax.cosine_decay_schedule(args.lr, max(1, args.steps))
     optimizer = nnx.Optimizer(model, optax.adam(schedule), wrt=nnx.Param)
-    losses, eval_steps, accs = [], [], []
-    order, cursor = rng.permutation(len(x)), 0
-    bar = tqdm(range(1, args.steps + 1), desc=name, disable=args.no_progress)
-    for step in bar:
-        if cursor + args.batch_size > len(order):
-            order, cursor = rng.permutation(len(x)), 0
-        idx = order[cursor : cursor + args.batch_size]
-        cursor += args.batch_size
-        batch_extra = tuple(e[idx] for e in per_example)
-        losses.append(float(step_fn(model, optimizer, x[idx], y[idx], *batch_extra, *static)))
-        if step % args.eval_every == 0 or step == args.steps:
-            eval_steps.append(step)
-            accs.append(accuracy(model, *eval_data))
-        if step % 10 == 0 or step == args.steps:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{accs[-1]:.3f}" if accs else "-")
-    bar.close()
-    return losses, eval_steps, accs
+    train_metrics = nnx.MultiMetric(
+        loss=nnx.metrics.Average("loss"), accuracy=nnx.metrics.Accuracy()
+    )
+    test_metrics = nnx.MultiMetric(accuracy=nnx.metrics.Accuracy())
+    train_history, test_history = MetricHistory(), MetricHistory()
+    batches = shuffled_batches(rng, len(train_arrays[0]), args.batch_size)
+    progress = run.progress(description)
+    for step in progress:
+        batch = next(batches)
+        train_step(model, optimizer, train_metrics, *(array[batch] for array in train_arrays))
+        if run.is_eval_step(step):
+            eval_step(model, test_metrics, *test_data)
+            test_history.record(step, test_metrics)
+        if run.is_log_step(step):
+            logged = train_history.record(step, train_metrics)
+            progress.set_postfix(logged | test_history.latest("test_"))
+    progress.close()
+    return train_history, test_history
 
 
-def save_plot(path, runs) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(8, 3), dpi=90)
-    for i, (label, (losses, eval_steps, accs)) in enumerate(runs.items()):
-        k = max(1, len(losses) // 40)
-        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-        ax_loss.plot(np.arange(k, len(losses) + 1), smooth, color=f"C{i}", label=label)
-        ax_acc.plot(eval_steps, np.asarray(accs) * 100, marker=".", color=f"C{i}", label=label)
-    ax_loss.set(xlabel="step", ylabel="training loss", title="training loss (smoothed)")
-    ax_loss.set_yscale("log")
-    ax_acc.set(xlabel="step", ylabel="held-out accuracy (%)", title="test accuracy")
-    ax_acc.set_ylim(80, 100.5)
-    ax_acc.legend(frameon=False, fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=400, help="training steps for each model")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term")
-    p.add_argument("--student-hidden", type=int, default=16)
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    return p.parse_args(argv)
+def save_figure(path, runs: dict[str, tuple[MetricHistory, MetricHistory]]) -> None:
+    with figure(path, figsize=(8, 3.4)) as (fig, (ax_loss, ax_accuracy)):
+        for color, (label, (train, test)) in enumerate(runs.items()):
+            ax_loss.plot(train.steps, train["loss"], color=f"C{color}", label=label)
+            test_accuracy = np.asarray(test["accuracy"]) * 100
+            ax_accuracy.plot(test.steps, test_accuracy, marker=".", color=f"C{color}")
+        ax_loss.set(xlabel="step", ylabel="training loss", title="training loss")
+        ax_loss.set_yscale("log")
+        ax_accuracy.set(xlabel="step", ylabel="held-out accuracy (%)", title="test accuracy")
+        ax_accuracy.set_ylim(80, 100.5)
+        fig.legend(loc="outside lower center", ncol=len(runs), frameon=False)
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    print(f"backend: {jax.default_backend()}")
-    start = time.perf_counter()
-    x_train, x_test, y_train, y_test = load_data(args.seed)
-    test = (jnp.asarray(x_test), jnp.asarray(y_test))
+    parser = command_line(__doc__, steps=400, batch_size=128, lr=1e-2, eval_every=25)
+    parser.add_argument("--temperature", type=float, default=2.0, help="T of the KL term")
+    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term")
+    parser.add_argument("--student-hidden", type=int, default=16, help="student's hidden units")
+    args = parser.parse_args(argv)
+    run = ScriptRun("distill", args)
+    x_train, y_train, x_test, y_test = load_digits_split(args.seed)
+    test_data = (jnp.asarray(x_test), jnp.asarray(y_test))
     keys = nnx.Rngs(args.seed)
 
     teacher = Teacher(rngs=nnx.Rngs(keys()))
+    teacher_rng = np.random.default_rng([args.seed, 0])
     runs = {
         "teacher (CE)": train(
-            "teacher",
-            teacher,
-            hard_step,
-            (x_train, y_train),
-            args,
-            np.random.default_rng([args.seed, 0]),
-            test,
+            run, teacher, hard_step, (x_train, y_train), test_data, teacher_rng, "teacher"
         )
     }
-    teacher_logits = np.asarray(logits_of(teacher, x_train))  # fixed soft targets
+    teacher_logits = np.asarray(predict_logits(teacher, x_train))  # fixed soft targets
 
-    student_key = keys()  # both students start from the same weights
+    student_key = keys()  # both students start from the same weights and see the same batches
     student = Student(args.student_hidden, rngs=nnx.Rngs(student_key))
+    kd_step = functools.partial(distill_step, temperature=args.temperature, alpha=args.alpha)
     runs[f"student (KD, T={args.temperature:g})"] = train(
-        "student (KD)",
+        run,
         student,
-        distill_step,
-        (x_train, y_train),
-        args,
+        kd_step,
+        (x_train, y_train, teacher_logits),
+        test_data,
         np.random.default_rng([args.seed, 1]),
-        test,
-        per_example=(teacher_logits,),
-        static=(args.temperature, args.alpha),
+        "student (KD)",
     )
     baseline = Student(args.student_hidden, rngs=nnx.Rngs(student_key))
     runs["student (CE only)"] = train(
-        "student (CE)",
+        run,
         baseline,
         hard_step,
         (x_train, y_train),
-        args,
+        test_data,
         np.random.default_rng([args.seed, 1]),
-        test,
+        "student (CE)",
     )
-    elapsed = time.perf_counter() - start
 
-    (t_losses, _, t_acc), (s_losses, _, s_acc), (_, _, b_acc) = runs.values()
-    tail = max(1, args.steps // 10)
+    save_figure(run.figure_path, runs)
+    (teacher_train, teacher_test), (student_train, student_test), (_, baseline_test) = runs.values()
     metrics = {
-        "backend": jax.default_backend(),
-        "steps": args.steps,
-        "seed": args.seed,
         "temperature": args.temperature,
         "alpha": args.alpha,
-        "teacher_params": sum(p.size for p in jax.tree.leaves(nnx.state(teacher, nnx.Param))),
-        "student_params": sum(p.size for p in jax.tree.leaves(nnx.state(student, nnx.Param))),
-        "first_loss": s_losses[0],  # the distilled student's
-        "last_loss": float(np.mean(s_losses[-tail:])),
-        "teacher_first_loss": t_losses[0],
-        "teacher_last_loss": float(np.mean(t_losses[-tail:])),
-        "teacher_accuracy": t_acc[-1],
-        "student_accuracy": s_acc[-1],
-        "baseline_student_accuracy": b_acc[-1],
-        "seconds": elapsed,
+        "teacher_params": count_params(teacher),
+        "student_params": count_params(student),
+        "first_loss": student_train.first("loss"),  # the distilled student's
+        "last_loss": student_train.last("loss"),
+        "teacher_first_loss": teacher_train.first("loss"),
+        "teacher_last_loss": teacher_train.last("loss"),
+        "teacher_accuracy": teacher_test.last("accuracy"),
+        "student_accuracy": student_test.last("accuracy"),
+        "baseline_student_accuracy": baseline_test.last("accuracy"),
     }
-    plot_path = os.path.join(args.out, "distill.png")
-    save_plot(plot_path, runs)
-    metrics["plot"] = plot_path
-    with open(os.path.join(args.out, "distill.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    print(
-        f"distill: backend={metrics['backend']} steps={args.steps} "
-        f"teacher_acc={t_acc[-1]:.2%} ({metrics['teacher_params']} params) "
-        f"student_acc={s_acc[-1]:.2%} ({metrics['student_params']} params; "
-        f"CE-only student {b_acc[-1]:.2%}) time={elapsed:.1f}s"
+    return run.report(
+        metrics,
+        f"teacher_acc={metrics['teacher_accuracy']:.2%} ({metrics['teacher_params']} params) "
+        f"student_acc={metrics['student_accuracy']:.2%} ({metrics['student_params']} params; "
+        f"CE-only student {metrics['baseline_student_accuracy']:.2%})",
     )
-    return metrics
 
 
 if __name__ == "__main__":

@@ -19,17 +19,12 @@ target, prediction) and ``segment_shapes.json`` into ``--out``.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _training_support import MetricHistory, ScriptRun, command_line, figure
 from flax import nnx
-from tqdm.auto import tqdm
 
 import jaxce
 
@@ -106,75 +101,71 @@ def loss_fn(model: SegNet, images, labels, class_weights):
     return loss, logits
 
 
-@nnx.jit
-def train_step(model, optimizer, images, labels, class_weights):
-    (loss, _), grads = nnx.value_and_grad(loss_fn, has_aux=True)(
-        model, images, labels, class_weights
+def update_metrics(metrics, logits, labels, **values):
+    """Pixel accuracy (over labelled pixels) and any ``values`` such as the batch loss."""
+    metrics.update(
+        logits=jnp.moveaxis(logits, 1, -1),  # nnx.metrics.Accuracy wants the classes last
+        labels=labels,
+        mask={"accuracy": labels != IGNORE},
+        **values,
     )
-    optimizer.update(model, grads)
-    return loss
 
 
 @nnx.jit
-def predict(model, images):
-    return jnp.argmax(model(images), axis=1)  # (N, H, W)
+def train_step(model, optimizer, metrics, images, labels, class_weights):
+    grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+    (loss, logits), grads = grad_fn(model, images, labels, class_weights)
+    optimizer.update(model, grads)
+    update_metrics(metrics, logits, labels, loss=loss)
+
+
+@nnx.jit
+def eval_step(model, metrics, images, labels):
+    logits = model(images)
+    update_metrics(metrics, logits, labels)
+    return jnp.argmax(logits, axis=1)  # (N, H, W) predicted classes
 
 
 def per_class_iou(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    keep = labels != IGNORE
-    p, t = pred[keep], labels[keep]
+    """Intersection over union of each class over the labelled pixels (NaN for an absent class)."""
+    labelled = labels != IGNORE
+    predicted, target = pred[labelled], labels[labelled]
     ious = []
     for c in range(num_classes):
-        inter = np.sum((p == c) & (t == c))
-        union = np.sum((p == c) | (t == c))
-        ious.append(inter / union if union else np.nan)
+        intersection = np.sum((predicted == c) & (target == c))
+        union = np.sum((predicted == c) | (target == c))
+        ious.append(intersection / union if union else np.nan)
     return np.asarray(ious)
 
 
 def save_figure(path: str, images, labels, pred, num: int = 6) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Rectangle
 
     colors = ["#202020", "#1f77b4", "#ff7f0e", "#2ca02c", "#b0b0b0"]  # classes, then ignore
     cmap = ListedColormap(colors)
-    show_t = np.where(labels == IGNORE, len(CLASSES), labels)
-    fig, axes = plt.subplots(3, num, figsize=(1.4 * num, 4.6), dpi=80)
-    for j in range(num):
-        axes[0, j].imshow(images[j, ..., 0], cmap="gray", vmin=-0.2, vmax=1.2)
-        axes[1, j].imshow(show_t[j], cmap=cmap, vmin=0, vmax=len(colors) - 1)
-        axes[2, j].imshow(pred[j], cmap=cmap, vmin=0, vmax=len(colors) - 1)
-    for ax, name in zip(axes[:, 0], ("input", "target", "prediction"), strict=True):
-        ax.set_ylabel(name)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors]
-    fig.legend(handles, [*CLASSES, "ignored"], loc="lower center", ncol=5, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=400, help="training steps")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--num-test", type=int, default=128, help="held-out images")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return p.parse_args(argv)
+    shown_labels = np.where(labels == IGNORE, len(CLASSES), labels)
+    with figure(path, 3, num, figsize=(1.4 * num, 4.6), dpi=80) as (fig, axes):
+        for j in range(num):
+            axes[0, j].imshow(images[j, ..., 0], cmap="gray", vmin=-0.2, vmax=1.2)
+            axes[1, j].imshow(shown_labels[j], cmap=cmap, vmin=0, vmax=len(colors) - 1)
+            axes[2, j].imshow(pred[j], cmap=cmap, vmin=0, vmax=len(colors) - 1)
+        for ax, name in zip(axes[:, 0], ("input", "target", "prediction"), strict=True):
+            ax.set_ylabel(name)
+        for ax in axes.flat:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        handles = [Rectangle((0, 0), 1, 1, color=c) for c in colors]
+        fig.legend(
+            handles, [*CLASSES, "ignored"], loc="outside lower center", ncol=5, frameon=False
+        )
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    print(f"backend: {jax.default_backend()}")
-    start = time.perf_counter()
+    parser = command_line(__doc__, steps=400, batch_size=32, lr=3e-3)
+    parser.add_argument("--num-test", type=int, default=128, help="held-out images")
+    args = parser.parse_args(argv)
+    run = ScriptRun("segment_shapes", args)
     rng = np.random.default_rng(args.seed)
     test_images, test_labels = make_shapes(np.random.default_rng([args.seed, 1]), args.num_test)
 
@@ -190,48 +181,38 @@ def main(argv=None) -> dict:
         0.0, args.lr, min(30, max(1, args.steps // 10)), max(args.steps, 31)
     )
     optimizer = nnx.Optimizer(model, optax.adam(schedule), wrt=nnx.Param)
+    train_metrics = nnx.MultiMetric(
+        loss=nnx.metrics.Average("loss"), accuracy=nnx.metrics.Accuracy()
+    )
+    test_metrics = nnx.MultiMetric(accuracy=nnx.metrics.Accuracy())
+    train_history = MetricHistory()
 
-    losses = []
-    bar = tqdm(range(1, args.steps + 1), desc="segment_shapes", disable=args.no_progress)
-    for step in bar:
+    progress = run.progress()
+    for step in progress:
         images, labels = make_shapes(rng, args.batch_size)
-        losses.append(float(train_step(model, optimizer, images, labels, class_weights)))
-        if step % 10 == 0 or step == args.steps:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
+        train_step(model, optimizer, train_metrics, images, labels, class_weights)
+        if run.is_log_step(step):
+            progress.set_postfix(train_history.record(step, train_metrics))
+    progress.close()
 
-    pred = np.asarray(predict(model, test_images))
+    pred = np.asarray(eval_step(model, test_metrics, test_images, test_labels))
     ious = per_class_iou(pred, test_labels, len(CLASSES))
-    keep = test_labels != IGNORE
-    elapsed = time.perf_counter() - start
-
-    tail = max(1, len(losses) // 10)
+    save_figure(run.figure_path, test_images, test_labels, pred)
     metrics = {
-        "backend": jax.default_backend(),
-        "steps": args.steps,
-        "seed": args.seed,
-        "first_loss": losses[0],
-        "last_loss": float(np.mean(losses[-tail:])),
+        "first_loss": train_history.first("loss"),
+        "last_loss": train_history.last("loss"),
         "class_weights": {c: float(w) for c, w in zip(CLASSES, class_weights, strict=True)},
         "iou": {c: float(v) for c, v in zip(CLASSES, ious, strict=True)},
         "mean_iou": float(np.nanmean(ious)),
-        "pixel_accuracy": float(np.mean(pred[keep] == test_labels[keep])),
-        "ignored_fraction": float(1.0 - keep.mean()),
-        "seconds": elapsed,
+        "pixel_accuracy": float(test_metrics.compute()["accuracy"]),
+        "ignored_fraction": float(np.mean(test_labels == IGNORE)),
     }
-    plot_path = os.path.join(args.out, "segment_shapes.png")
-    save_figure(plot_path, test_images, test_labels, pred)
-    metrics["plot"] = plot_path
-    with open(os.path.join(args.out, "segment_shapes.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
     print("IoU: " + ", ".join(f"{c} {v:.3f}" for c, v in metrics["iou"].items()))
-    print(
-        f"segment_shapes: backend={metrics['backend']} steps={args.steps} "
+    return run.report(
+        metrics,
         f"loss {metrics['first_loss']:.3f} -> {metrics['last_loss']:.3f} "
-        f"mIoU={metrics['mean_iou']:.3f} pixel_acc={metrics['pixel_accuracy']:.2%} "
-        f"time={elapsed:.1f}s"
+        f"mIoU={metrics['mean_iou']:.3f} pixel_acc={metrics['pixel_accuracy']:.2%}",
     )
-    return metrics
 
 
 if __name__ == "__main__":

@@ -19,18 +19,15 @@ text) and prints a sampled continuation. Writes ``tiny_lm.png`` (loss curve) and
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import string
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _training_support import MetricHistory, ScriptRun, command_line, count_params, figure
 from flax import nnx
-from tqdm.auto import tqdm
 
 import jaxce
 
@@ -118,7 +115,7 @@ class TinyLM(nnx.Module):
         return self.embed.embedding[...].T
 
 
-def loss_fn(model: TinyLM, inputs, labels, z_loss: float):
+def loss_fn(model: TinyLM, inputs, labels, z_loss):
     hidden = model(inputs)  # (B, T, D)
     return jaxce.linear_softmax_cross_entropy(
         hidden,
@@ -130,20 +127,21 @@ def loss_fn(model: TinyLM, inputs, labels, z_loss: float):
     )
 
 
-@nnx.jit(static_argnames="z_loss")
-def train_step(model, optimizer, inputs, labels, z_loss: float):
+@nnx.jit
+def train_step(model, optimizer, metrics, inputs, labels, z_loss):
+    # No aux output: the fused loss never forms the logits. z_loss is traced, not static.
     loss, grads = nnx.value_and_grad(loss_fn)(model, inputs, labels, z_loss)
     optimizer.update(model, grads)
-    return loss
+    metrics.update(loss=loss)
 
 
 @nnx.jit
-def eval_loss(model, inputs, labels):
-    """Summed cross-entropy (no z-loss) and the number of scored characters."""
-    total = jaxce.linear_softmax_cross_entropy(
-        model(inputs), model.head_weight(), labels, ignore_index=IGNORE, reduction="sum"
-    )
-    return total, jnp.sum(labels != IGNORE)
+def eval_step(model, metrics, inputs, labels):
+    """Adds the cross-entropy (no z-loss) of every scored character to ``metrics``."""
+    per_char = jaxce.linear_softmax_cross_entropy(
+        model(inputs), model.head_weight(), labels, ignore_index=IGNORE
+    )  # (B, T), 0 where ignored
+    metrics.update(loss=per_char, mask=labels != IGNORE)
 
 
 @nnx.jit
@@ -170,138 +168,101 @@ def validation_windows(data: np.ndarray, seq_len: int, max_windows: int = 64):
     return x, y
 
 
-def generate(model, tok: Tokenizer, prompt: str, length: int, seq_len: int, key, temperature):
+def generate(model, tokenizer, prompt: str, length: int, seq_len: int, key, temperature):
     """Sample ``length`` characters (greedy when ``temperature == 0``)."""
-    ids = list(tok.encode(prompt)[-seq_len:])
+    ids = list(tokenizer.encode(prompt)[-seq_len:])
     for _ in range(length):
         context = ids[-seq_len:]
-        buf = np.full((1, seq_len), PAD, np.int32)
-        buf[0, : len(context)] = context
-        logits = next_logits(model, buf, len(context) - 1)
+        window = np.full((1, seq_len), PAD, np.int32)
+        window[0, : len(context)] = context
+        logits = next_logits(model, window, len(context) - 1)
         if temperature == 0:
-            nxt = int(jnp.argmax(logits))
+            next_id = int(jnp.argmax(logits))
         else:
-            key, sub = jax.random.split(key)
-            nxt = int(jax.random.categorical(sub, logits[1:] / temperature)) + 1  # never PAD
-        ids.append(nxt)
-    return tok.decode(ids)
+            key, sample_key = jax.random.split(key)
+            next_id = int(jax.random.categorical(sample_key, logits[1:] / temperature)) + 1
+        ids.append(next_id)  # never PAD: the categorical skips id 0
+    return tokenizer.decode(ids)
 
 
-def save_plot(path, losses, eval_steps, val_ppl) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(8, 3), dpi=90)
-    k = max(1, len(losses) // 50)
-    ax_loss.plot(np.arange(1, len(losses) + 1), losses, lw=0.6, alpha=0.4, color="C0")
-    smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-    ax_loss.plot(np.arange(k, len(losses) + 1), smooth, color="C0")
-    ax_loss.set(xlabel="step", ylabel="loss (nats/char, incl. z-loss)", title="training loss")
-    ax_ppl.plot(eval_steps, val_ppl, marker=".", color="C1")
-    ax_ppl.set(xlabel="step", ylabel="perplexity", title="validation perplexity")
-    ax_ppl.set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=500, help="training steps")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--z-loss", type=float, default=1e-4)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--prompt", default="def ")
-    p.add_argument("--generate", type=int, default=160, help="characters to sample")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling; 0 is greedy")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return p.parse_args(argv)
+def save_figure(path, train: MetricHistory, validation: MetricHistory) -> None:
+    with figure(path) as (_, (ax_loss, ax_perplexity)):
+        ax_loss.plot(train.steps, train["loss"], color="C0")
+        ax_loss.set(xlabel="step", ylabel="loss (nats/char, incl. z-loss)", title="training loss")
+        perplexity = np.exp(validation["loss"])
+        ax_perplexity.plot(validation.steps, perplexity, marker=".", color="C1")
+        ax_perplexity.set(xlabel="step", ylabel="perplexity", title="validation perplexity")
+        ax_perplexity.set_yscale("log")
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    print(f"backend: {jax.default_backend()}")
-    start = time.perf_counter()
-    tok = Tokenizer()
-    data = tok.encode(load_corpus())
+    parser = command_line(__doc__, steps=500, batch_size=32, lr=3e-3, eval_every=100)
+    parser.add_argument("--seq-len", type=int, default=64, help="context length in characters")
+    parser.add_argument("--dim", type=int, default=64, help="model width")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--layers", type=int, default=2, help="transformer blocks")
+    parser.add_argument("--z-loss", type=float, default=1e-4, help="weight of the z-loss")
+    parser.add_argument("--prompt", default="def ", help="start of the sampled text")
+    parser.add_argument("--generate", type=int, default=160, help="characters to sample")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling; 0 is greedy")
+    args = parser.parse_args(argv)
+    run = ScriptRun("tiny_lm", args)
+    tokenizer = Tokenizer()
+    data = tokenizer.encode(load_corpus())
     split = int(0.9 * len(data))
     train_data, val_data = data[:split], data[split:]
     val_x, val_y = validation_windows(val_data, args.seq_len)
     rng = np.random.default_rng(args.seed)
 
     rngs = nnx.Rngs(args.seed)
-    model = TinyLM(tok.vocab_size, args.seq_len, args.dim, args.heads, args.layers, rngs=rngs)
+    vocab_size = tokenizer.vocab_size
+    model = TinyLM(vocab_size, args.seq_len, args.dim, args.heads, args.layers, rngs=rngs)
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, args.lr, min(50, max(1, args.steps // 10)), max(args.steps, 51)
     )
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    train_metrics = nnx.MultiMetric(loss=nnx.metrics.Average("loss"))
+    val_metrics = nnx.MultiMetric(loss=nnx.metrics.Average("loss"))
+    train_history, val_history = MetricHistory(), MetricHistory()
 
-    def val_perplexity() -> float:
-        total, count = eval_loss(model, val_x, val_y)
-        return float(np.exp(float(total) / float(count)))
-
-    losses, eval_steps, val_ppl = [], [0], [val_perplexity()]
-    bar = tqdm(range(1, args.steps + 1), desc="tiny_lm", disable=args.no_progress)
-    for step in bar:
+    eval_step(model, val_metrics, val_x, val_y)
+    val_history.record(0, val_metrics)  # the untrained model's perplexity
+    progress = run.progress()
+    for step in progress:
         inputs, labels = sample_batch(rng, train_data, args.batch_size, args.seq_len)
-        losses.append(float(train_step(model, optimizer, inputs, labels, args.z_loss)))
-        if step % args.eval_every == 0 or step == args.steps:
-            eval_steps.append(step)
-            val_ppl.append(val_perplexity())
-        if step % 10 == 0 or step == args.steps:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", val_ppl=f"{val_ppl[-1]:.2f}")
-    bar.close()
+        train_step(model, optimizer, train_metrics, inputs, labels, args.z_loss)
+        if run.is_eval_step(step):
+            eval_step(model, val_metrics, val_x, val_y)
+            val_history.record(step, val_metrics)
+        if run.is_log_step(step):
+            logged = train_history.record(step, train_metrics)
+            progress.set_postfix(logged | {"val_ppl": np.exp(val_history.last("loss"))})
+    progress.close()
 
+    key = jax.random.key(args.seed)
     text = generate(
-        model,
-        tok,
-        args.prompt,
-        args.generate,
-        args.seq_len,
-        jax.random.key(args.seed),
-        args.temperature,
+        model, tokenizer, args.prompt, args.generate, args.seq_len, key, args.temperature
     )
-    elapsed = time.perf_counter() - start
     print("--- sample " + "-" * 50 + "\n" + text + "\n" + "-" * 61)
 
-    tail = max(1, len(losses) // 10)
+    save_figure(run.figure_path, train_history, val_history)
     metrics = {
-        "backend": jax.default_backend(),
-        "steps": args.steps,
-        "seed": args.seed,
         "corpus_chars": len(data),
-        "vocab_size": tok.vocab_size,
-        "params": sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))),
-        "first_loss": losses[0],
-        "last_loss": float(np.mean(losses[-tail:])),
-        "initial_val_perplexity": val_ppl[0],
-        "val_perplexity": val_ppl[-1],
+        "vocab_size": vocab_size,
+        "params": count_params(model),
+        "first_loss": train_history.first("loss"),
+        "last_loss": train_history.last("loss"),
+        "initial_val_perplexity": float(np.exp(val_history.first("loss"))),
+        "val_perplexity": float(np.exp(val_history.last("loss"))),
         "sample": text,
-        "seconds": elapsed,
     }
-    plot_path = os.path.join(args.out, "tiny_lm.png")
-    save_plot(plot_path, losses, eval_steps, val_ppl)
-    metrics["plot"] = plot_path
-    with open(os.path.join(args.out, "tiny_lm.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    print(
-        f"tiny_lm: backend={metrics['backend']} steps={args.steps} "
+    return run.report(
+        metrics,
         f"loss {metrics['first_loss']:.3f} -> {metrics['last_loss']:.3f} "
-        f"val_ppl {val_ppl[0]:.1f} -> {val_ppl[-1]:.2f} ({metrics['params']} params, "
-        f"vocab {tok.vocab_size}) time={elapsed:.1f}s"
+        f"val_ppl {metrics['initial_val_perplexity']:.1f} -> {metrics['val_perplexity']:.2f} "
+        f"({metrics['params']} params, vocab {vocab_size})",
     )
-    return metrics
 
 
 if __name__ == "__main__":
