@@ -10,6 +10,8 @@ outside ``[0, 1]`` (or NaN) is invalid: NaN for its element, and an error under 
 
 from __future__ import annotations
 
+from typing import Literal, TypeAlias, overload
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
@@ -17,9 +19,9 @@ from jax.experimental import checkify
 from jaxce import _api, _checks, _numerics, _reduce
 from jaxce._checks import NON_NEGATIVE, UNIT_INTERVAL, Reduction
 
-Array = jax.Array
-ArrayLike = jax.typing.ArrayLike
-Loss = Array | tuple[Array, Array]
+Array: TypeAlias = jax.Array
+ArrayLike: TypeAlias = jax.typing.ArrayLike
+Loss: TypeAlias = Array | tuple[Array, Array]
 
 _LOG_CLAMP = -100.0  # PyTorch's clamp of each log term in ``binary_cross_entropy``
 
@@ -51,6 +53,30 @@ def _sigmoid_ce(x: Array, y: Array, pos_weight: Array | None = None) -> Array:
     r"""``-(w y log sigmoid(x) + (1 - y) log(1 - sigmoid(x)))`` as two non-negative parts."""
     pos = y if pos_weight is None else pos_weight * y
     return _numerics.weighted_softplus(pos, -x) + _numerics.weighted_softplus(1 - y, x)
+
+
+@overload
+def sigmoid_binary_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    pos_weight: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    label_smoothing: float | ArrayLike = 0.0,
+    reduction: Literal["none", "sum", "mean"] = "none",
+) -> Array: ...
+
+
+@overload
+def sigmoid_binary_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    pos_weight: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    label_smoothing: float | ArrayLike = 0.0,
+    reduction: Literal["sum_and_weight"],
+) -> tuple[Array, Array]: ...
 
 
 @_api.public(
@@ -141,6 +167,26 @@ def _clamped_log(p: Array) -> Array:
     return jnp.where(live, log_p, jnp.full((), _LOG_CLAMP, p.dtype))
 
 
+@overload
+def binary_cross_entropy(
+    probs: ArrayLike,
+    labels: ArrayLike,
+    *,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["none", "sum", "mean"] = "none",
+) -> Array: ...
+
+
+@overload
+def binary_cross_entropy(
+    probs: ArrayLike,
+    labels: ArrayLike,
+    *,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["sum_and_weight"],
+) -> tuple[Array, Array]: ...
+
+
 @_api.public(static=("reduction",))
 def binary_cross_entropy(
     probs: ArrayLike,
@@ -201,6 +247,30 @@ def _log_pt_parts(x: Array, y: Array) -> tuple[Array, Array]:
     log_pt = _numerics.log_add_exp(log_y - jax.nn.softplus(-x), log_not_y - jax.nn.softplus(x))
     log_q = _numerics.log_add_exp(log_not_y - jax.nn.softplus(-x), log_y - jax.nn.softplus(x))
     return log_pt, log_q
+
+
+@overload
+def sigmoid_focal_loss(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    alpha: float | ArrayLike | None = None,
+    gamma: float | ArrayLike = 2.0,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["none", "sum", "mean"] = "none",
+) -> Array: ...
+
+
+@overload
+def sigmoid_focal_loss(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    alpha: float | ArrayLike | None = None,
+    gamma: float | ArrayLike = 2.0,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["sum_and_weight"],
+) -> tuple[Array, Array]: ...
 
 
 @_api.public(static=("reduction",), domains={"alpha": UNIT_INTERVAL, "gamma": NON_NEGATIVE})

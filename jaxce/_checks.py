@@ -17,6 +17,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import core
 from jax.experimental import checkify
 
 Reduction = Literal["none", "sum", "mean", "sum_and_weight"]
@@ -62,12 +63,17 @@ def as_hyperparameter(value: Any, name: str, dtype) -> jax.Array:
     return value.astype(dtype)
 
 
+def is_tracer(value: Any) -> bool:
+    """Whether ``value`` is being traced (its value is unknown until run)."""
+    return isinstance(value, core.Tracer)
+
+
 def is_zero(value: Any) -> bool:
     """True for a Python/NumPy scalar zero, so a default option can skip its work entirely.
 
     A traced value is never "zero" here: it is computed, whatever it turns out to be.
     """
-    if isinstance(value, jax.core.Tracer) or jnp.ndim(value) != 0:
+    if isinstance(value, core.Tracer) or jnp.ndim(value) != 0:
         return False
     return float(value) == 0
 
@@ -89,11 +95,12 @@ def _is_int(value: Any) -> bool:
 
 def class_axes(axis: int | Sequence[int], ndim: int, name: str = "logits") -> tuple[int, ...]:
     """Canonical (non-negative) class axes, in the order given, as a tuple."""
-    axes = (axis,) if _is_int(axis) else axis
+    axes: Any = (axis,) if _is_int(axis) else axis
     if not isinstance(axes, (tuple, list)) or not axes or not all(_is_int(a) for a in axes):
         raise TypeError(f"`axis` must be an int or a non-empty tuple of ints, got {axis!r}.")
-    out = []
+    out: list[int] = []
     for a in axes:
+        a = int(a)
         if not -ndim <= a < ndim:
             raise ValueError(f"`axis` {a} is out of range for `{name}` of rank {ndim}.")
         out.append(int(a) % ndim)
@@ -134,7 +141,7 @@ def static_option(value: Any, name: str) -> Any:
 
     NumPy integers become ``int``, lists become tuples; arrays cannot shape a computation.
     """
-    if isinstance(value, jax.core.Tracer):
+    if isinstance(value, core.Tracer):
         raise TypeError(
             f"`{name}` must be a Python value (it shapes the computation), got a tracer."
         )

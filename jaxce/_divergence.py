@@ -9,15 +9,17 @@ gradient while a NaN still gives NaN.
 
 from __future__ import annotations
 
+from typing import Literal, TypeAlias, overload
+
 import jax
 import jax.numpy as jnp
 
 from jaxce import _api, _checks, _logits, _numerics, _reduce
 from jaxce._checks import POSITIVE, UNIT_INTERVAL, Reduction
 
-Array = jax.Array
-ArrayLike = jax.typing.ArrayLike
-Loss = Array | tuple[Array, Array]
+Array: TypeAlias = jax.Array
+ArrayLike: TypeAlias = jax.typing.ArrayLike
+Loss: TypeAlias = Array | tuple[Array, Array]
 
 
 def _two_arrays(first: ArrayLike, second: ArrayLike, axis, where, sample_weights, names):
@@ -25,6 +27,28 @@ def _two_arrays(first: ArrayLike, second: ArrayLike, axis, where, sample_weights
     return _logits.probability_targets(
         _logits.prepare(first, axis, where, names[0]), second, sample_weights, name=names[1]
     )
+
+
+@overload
+def entropy(
+    logits: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: ArrayLike | None = None,
+    *,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["none", "sum", "mean"] = "none",
+) -> Array: ...
+
+
+@overload
+def entropy(
+    logits: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: ArrayLike | None = None,
+    *,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["sum_and_weight"],
+) -> tuple[Array, Array]: ...
 
 
 @_api.public(static=("axis", "reduction"))
@@ -70,14 +94,32 @@ def entropy(
       >>> jaxce.entropy(jnp.array([[0.0, 0.0], [0.0, -jnp.inf]]))
       Array([0.6931, 0.    ], dtype=float32)
     """
-    logits = _logits.prepare(logits, axis, where)
-    weights = _logits.per_example_weights(logits, sample_weights)
-    logits = logits.neutralised(logits.keep)
-    log_p = _logits.log_softmax(logits.values, logits.class_mask)
+    prepared = _logits.prepare(logits, axis, where)
+    weights = _logits.per_example_weights(prepared, sample_weights)
+    prepared = prepared.neutralised(prepared.keep)
+    log_p = _logits.log_softmax(prepared.values, prepared.class_mask)
     p = jnp.exp(log_p)
     zero = jnp.zeros((), p.dtype)
-    h = _numerics.weighted_log_ratio(p, zero, log_p, _numerics.support(p, logits.class_mask))
+    h = _numerics.weighted_log_ratio(p, zero, log_p, _numerics.support(p, prepared.class_mask))
     return _reduce.weigh_and_reduce(h, weights, reduction)
+
+
+@overload
+def binary_entropy(
+    logits: ArrayLike,
+    *,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["none", "sum", "mean"] = "none",
+) -> Array: ...
+
+
+@overload
+def binary_entropy(
+    logits: ArrayLike,
+    *,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["sum_and_weight"],
+) -> tuple[Array, Array]: ...
 
 
 @_api.public(static=("reduction",))
@@ -117,6 +159,30 @@ def binary_entropy(
     )
     weights = _reduce.example_weights(x.shape, x.dtype, sample_weights=sample_weights)
     return _reduce.weigh_and_reduce(h, weights, reduction)
+
+
+@overload
+def kl_divergence(
+    log_predictions: ArrayLike,
+    targets: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: ArrayLike | None = None,
+    *,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["none", "sum", "mean"] = "none",
+) -> Array: ...
+
+
+@overload
+def kl_divergence(
+    log_predictions: ArrayLike,
+    targets: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: ArrayLike | None = None,
+    *,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["sum_and_weight"],
+) -> tuple[Array, Array]: ...
 
 
 @_api.public(static=("axis", "reduction"))
@@ -176,6 +242,30 @@ def kl_divergence(
     return _reduce.weigh_and_reduce(kl, weights, reduction)
 
 
+@overload
+def kl_divergence_with_log_targets(
+    log_predictions: ArrayLike,
+    log_targets: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: ArrayLike | None = None,
+    *,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["none", "sum", "mean"] = "none",
+) -> Array: ...
+
+
+@overload
+def kl_divergence_with_log_targets(
+    log_predictions: ArrayLike,
+    log_targets: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: ArrayLike | None = None,
+    *,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["sum_and_weight"],
+) -> tuple[Array, Array]: ...
+
+
 @_api.public(static=("axis", "reduction"))
 def kl_divergence_with_log_targets(
     log_predictions: ArrayLike,
@@ -226,6 +316,32 @@ def kl_divergence_with_log_targets(
     on_support = _numerics.support(p, log_q.class_mask)
     kl = _numerics.weighted_log_ratio(p, log_p, log_q.values, on_support)
     return _reduce.weigh_and_reduce(kl, weights, reduction)
+
+
+@overload
+def softmax_kl_divergence(
+    logits: ArrayLike,
+    target_logits: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: ArrayLike | None = None,
+    *,
+    temperature: float | ArrayLike = 1.0,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["none", "sum", "mean"] = "none",
+) -> Array: ...
+
+
+@overload
+def softmax_kl_divergence(
+    logits: ArrayLike,
+    target_logits: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: ArrayLike | None = None,
+    *,
+    temperature: float | ArrayLike = 1.0,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["sum_and_weight"],
+) -> tuple[Array, Array]: ...
 
 
 @_api.public(static=("axis", "reduction"), domains={"temperature": POSITIVE})
@@ -299,6 +415,32 @@ def softmax_kl_divergence(
     neg_entropy = _numerics.weighted_log_ratio(p, log_p, zero, on_support)
     kl = neg_entropy + _numerics.neg_log_softmax_sum(p, s, m, log_s, mask)
     return _reduce.weigh_and_reduce(jnp.square(t) * kl, weights, reduction)
+
+
+@overload
+def js_divergence(
+    logits_p: ArrayLike,
+    logits_q: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: ArrayLike | None = None,
+    *,
+    beta: float | ArrayLike = 0.5,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["none", "sum", "mean"] = "none",
+) -> Array: ...
+
+
+@overload
+def js_divergence(
+    logits_p: ArrayLike,
+    logits_q: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: ArrayLike | None = None,
+    *,
+    beta: float | ArrayLike = 0.5,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["sum_and_weight"],
+) -> tuple[Array, Array]: ...
 
 
 @_api.public(static=("axis", "reduction"), domains={"beta": UNIT_INTERVAL})

@@ -18,7 +18,7 @@ Design (see ``linear_softmax_cross_entropy``):
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +26,8 @@ from jax import lax
 
 from jaxce import _checks, _reduce, _vocab
 
-Array = jax.Array
-ArrayLike = jax.typing.ArrayLike
+Array: TypeAlias = jax.Array
+ArrayLike: TypeAlias = jax.typing.ArrayLike
 
 
 class _Config(NamedTuple):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +25,8 @@ from jax import lax
 
 from jaxce import _checks, _reduce
 
-Array = jax.Array
-ArrayLike = jax.typing.ArrayLike
+Array: TypeAlias = jax.Array
+ArrayLike: TypeAlias = jax.typing.ArrayLike
 
 _SOFT_LABELS_HINT = " For probability targets use `softmax_cross_entropy`."
 

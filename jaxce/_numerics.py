@@ -13,10 +13,12 @@ derivatives of any order:
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import jax
 import jax.numpy as jnp
 
-Array = jax.Array
+Array: TypeAlias = jax.Array
 
 
 def _zero(x: Array) -> Array:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,8 @@ from jax.experimental import checkify
 
 from jaxce import _checks
 
-Array = jax.Array
-ArrayLike = jax.typing.ArrayLike
+Array: TypeAlias = jax.Array
+ArrayLike: TypeAlias = jax.typing.ArrayLike
 
 
 def compute_dtype(*dtypes) -> jnp.dtype:

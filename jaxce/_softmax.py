@@ -7,15 +7,17 @@ log-normaliser, targets), ``_numerics`` (overflow- and NaN-safe pieces), ``_redu
 
 from __future__ import annotations
 
+from typing import Literal, TypeAlias, overload
+
 import jax
 import jax.numpy as jnp
 
 from jaxce import _api, _checks, _logits, _numerics, _reduce
 from jaxce._checks import NON_NEGATIVE, UNIT_INTERVAL, Reduction
 
-Array = jax.Array
-ArrayLike = jax.typing.ArrayLike
-Loss = Array | tuple[Array, Array]
+Array: TypeAlias = jax.Array
+ArrayLike: TypeAlias = jax.typing.ArrayLike
+Loss: TypeAlias = Array | tuple[Array, Array]
 
 _STATIC = ("axis", "reduction", "ignore_index")
 
@@ -44,6 +46,38 @@ def _options(weights: _reduce.ExampleWeights, dtype, label_smoothing, z_loss):
 
 def _z_term(z: Array | None, m: Array, log_s: Array) -> Array | float:
     return 0.0 if z is None else _logits.z_loss_term(z, m, log_s)
+
+
+@overload
+def softmax_cross_entropy_with_integer_labels(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: ArrayLike | None = None,
+    *,
+    ignore_index: int | None = None,
+    label_smoothing: float | ArrayLike = 0.0,
+    class_weights: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    z_loss: float | ArrayLike = 0.0,
+    reduction: Literal["none", "sum", "mean"] = "none",
+) -> Array: ...
+
+
+@overload
+def softmax_cross_entropy_with_integer_labels(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: ArrayLike | None = None,
+    *,
+    ignore_index: int | None = None,
+    label_smoothing: float | ArrayLike = 0.0,
+    class_weights: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    z_loss: float | ArrayLike = 0.0,
+    reduction: Literal["sum_and_weight"],
+) -> tuple[Array, Array]: ...
 
 
 @_api.public(
@@ -128,30 +162,60 @@ def softmax_cross_entropy_with_integer_labels(
       Szegedy et al., *Rethinking the Inception Architecture* (label smoothing), 2016;
       Chowdhery et al., *PaLM* (z-loss), 2022.
     """
-    logits, y, weights = _logits.integer_targets(
+    prepared, y, weights = _logits.integer_targets(
         _logits.prepare(logits, axis, where),
         labels,
         ignore_index=ignore_index,
         class_weights=class_weights,
         sample_weights=sample_weights,
     )
-    eps, z, weights = _options(weights, logits.dtype, label_smoothing, z_loss)
-    m, log_s = _logits.log_normalizer(logits.values, logits.class_mask)
+    eps, z, weights = _options(weights, prepared.dtype, label_smoothing, z_loss)
+    m, log_s = _logits.log_normalizer(prepared.values, prepared.class_mask)
     hard = (
-        jnp.ones(logits.batch_shape, logits.dtype)
+        jnp.ones(prepared.batch_shape, prepared.dtype)
         if weights.label_weight is None
         else weights.label_weight
     )
     if eps is not None:
         hard = (1 - eps) * hard
-    loss = _numerics.neg_log_softmax_at(hard, _reduce.take_class(logits.values, y), m, log_s)
+    loss = _numerics.neg_log_softmax_at(hard, _reduce.take_class(prepared.values, y), m, log_s)
     if eps is not None:
-        coef = _smoothing_coefficients(logits, eps, weights.class_weights)
+        coef = _smoothing_coefficients(prepared, eps, weights.class_weights)
         loss = loss + _numerics.neg_log_softmax_sum(
-            coef, logits.values, m, log_s, logits.class_mask
+            coef, prepared.values, m, log_s, prepared.class_mask
         )
     loss = loss + _z_term(z, m, log_s)
     return _reduce.weigh_and_reduce(loss, weights, reduction)
+
+
+@overload
+def softmax_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: ArrayLike | None = None,
+    *,
+    label_smoothing: float | ArrayLike = 0.0,
+    class_weights: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    z_loss: float | ArrayLike = 0.0,
+    reduction: Literal["none", "sum", "mean"] = "none",
+) -> Array: ...
+
+
+@overload
+def softmax_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: ArrayLike | None = None,
+    *,
+    label_smoothing: float | ArrayLike = 0.0,
+    class_weights: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    z_loss: float | ArrayLike = 0.0,
+    reduction: Literal["sum_and_weight"],
+) -> tuple[Array, Array]: ...
 
 
 @_api.public(
@@ -211,18 +275,44 @@ def softmax_cross_entropy(
       >>> round(float(bits(q2, p)), 4)  # not symmetric
       0.786
     """
-    logits, t, weights = _logits.probability_targets(
+    prepared, t, weights = _logits.probability_targets(
         _logits.prepare(logits, axis, where), labels, sample_weights, class_weights
     )
-    eps, z, weights = _options(weights, logits.dtype, label_smoothing, z_loss)
+    eps, z, weights = _options(weights, prepared.dtype, label_smoothing, z_loss)
     if eps is not None:
-        t = (1 - eps) * t + eps / logits.count(keepdims=True)
+        t = (1 - eps) * t + eps / prepared.count(keepdims=True)
     if weights.class_weights is not None:
         t = t * _reduce.along_classes(weights.class_weights, t)
-    m, log_s = _logits.log_normalizer(logits.values, logits.class_mask)
-    loss = _numerics.neg_log_softmax_sum(t, logits.values, m, log_s, logits.class_mask)
+    m, log_s = _logits.log_normalizer(prepared.values, prepared.class_mask)
+    loss = _numerics.neg_log_softmax_sum(t, prepared.values, m, log_s, prepared.class_mask)
     loss = loss + _z_term(z, m, log_s)
     return _reduce.weigh_and_reduce(loss, weights, reduction)
+
+
+@overload
+def nll_loss(
+    log_probs: ArrayLike,
+    labels: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    *,
+    ignore_index: int | None = None,
+    class_weights: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["none", "sum", "mean"] = "none",
+) -> Array: ...
+
+
+@overload
+def nll_loss(
+    log_probs: ArrayLike,
+    labels: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    *,
+    ignore_index: int | None = None,
+    class_weights: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["sum_and_weight"],
+) -> tuple[Array, Array]: ...
 
 
 @_api.public(static=_STATIC)
@@ -266,14 +356,14 @@ def nll_loss(
       >>> jaxce.nll_loss(jax.nn.log_softmax(logits), jnp.array([0, 2]))
       Array([0.3168, 0.6657], dtype=float32)
     """
-    logits, y, weights = _logits.integer_targets(
+    prepared, y, weights = _logits.integer_targets(
         _logits.prepare(log_probs, axis, None, name="log_probs"),
         labels,
         ignore_index=ignore_index,
         class_weights=class_weights,
         sample_weights=sample_weights,
     )
-    log_p = _reduce.take_class(logits.values, y)
+    log_p = _reduce.take_class(prepared.values, y)
     if weights.label_weight is None:
         loss = -log_p
     else:  # a zero class weight masks exactly, also a -inf log-probability
@@ -324,7 +414,8 @@ def smooth_labels(
             f"`labels` has shape {labels.shape}: the class axis {layout.axes} is empty."
         )
     dtype = _reduce.compute_dtype(labels.dtype)
-    a, bad = _checks.hyperparameter(alpha, "alpha", dtype, UNIT_INTERVAL)
+    a = _checks.as_hyperparameter(alpha, "alpha", dtype)
+    bad = _checks.outside_domain(a, "alpha", UNIT_INTERVAL)
     t = labels.astype(dtype)
     if where is None:
         uniform = a / num_classes
@@ -339,6 +430,32 @@ def smooth_labels(
         uniform = jnp.where(empty, jnp.zeros((), dtype), a / jnp.where(empty, 1, count))
     smoothed = (1 - a) * t + uniform
     return jnp.where(bad, jnp.full((), jnp.nan, dtype), smoothed).astype(labels.dtype)
+
+
+@overload
+def poly_loss_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    epsilon: float | ArrayLike = 2.0,
+    axis: int | tuple[int, ...] = -1,
+    where: ArrayLike | None = None,
+    *,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["none", "sum", "mean"] = "none",
+) -> Array: ...
+
+
+@overload
+def poly_loss_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    epsilon: float | ArrayLike = 2.0,
+    axis: int | tuple[int, ...] = -1,
+    where: ArrayLike | None = None,
+    *,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["sum_and_weight"],
+) -> tuple[Array, Array]: ...
 
 
 @_api.public(static=("axis", "reduction"))
@@ -382,15 +499,15 @@ def poly_loss_cross_entropy(
       Leng et al., *PolyLoss: A Polynomial Expansion Perspective of Classification Loss
       Functions*, 2022.
     """
-    logits, t, weights = _logits.probability_targets(
+    prepared, t, weights = _logits.probability_targets(
         _logits.prepare(logits, axis, where), labels, sample_weights
     )
-    eps = _checks.as_hyperparameter(epsilon, "epsilon", logits.dtype)
-    m, log_s = _logits.log_normalizer(logits.values, logits.class_mask)
-    ce = _numerics.neg_log_softmax_sum(t, logits.values, m, log_s, logits.class_mask)
-    one_minus_p = -jnp.expm1((logits.values - m[..., None]) - log_s[..., None])
-    if logits.class_mask is not None:
-        one_minus_p = jnp.where(logits.class_mask, one_minus_p, jnp.zeros((), t.dtype))
+    eps = _checks.as_hyperparameter(epsilon, "epsilon", prepared.dtype)
+    m, log_s = _logits.log_normalizer(prepared.values, prepared.class_mask)
+    ce = _numerics.neg_log_softmax_sum(t, prepared.values, m, log_s, prepared.class_mask)
+    one_minus_p = -jnp.expm1((prepared.values - m[..., None]) - log_s[..., None])
+    if prepared.class_mask is not None:
+        one_minus_p = jnp.where(prepared.class_mask, one_minus_p, jnp.zeros((), t.dtype))
     loss = ce + eps * jnp.sum(t * one_minus_p, axis=-1)
     return _reduce.weigh_and_reduce(loss, weights, reduction)
 
@@ -409,6 +526,36 @@ def _alpha_per_class(alpha, logits: _logits.Logits) -> Array:
     if jnp.ndim(alpha) == 0:
         return _checks.as_hyperparameter(alpha, "alpha", logits.dtype)
     return _reduce.class_vector(alpha, "alpha", logits.num_classes, logits.dtype)
+
+
+@overload
+def softmax_focal_loss(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: ArrayLike | None = None,
+    *,
+    gamma: float | ArrayLike = 2.0,
+    alpha: float | ArrayLike | None = None,
+    ignore_index: int | None = None,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["none", "sum", "mean"] = "none",
+) -> Array: ...
+
+
+@overload
+def softmax_focal_loss(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: ArrayLike | None = None,
+    *,
+    gamma: float | ArrayLike = 2.0,
+    alpha: float | ArrayLike | None = None,
+    ignore_index: int | None = None,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["sum_and_weight"],
+) -> tuple[Array, Array]: ...
 
 
 @_api.public(static=_STATIC, domains={"gamma": NON_NEGATIVE})
@@ -463,31 +610,31 @@ def softmax_focal_loss(
     References:
       Lin et al., *Focal Loss for Dense Object Detection*, 2017.
     """
-    logits = _logits.prepare(logits, axis, where)
+    prepared = _logits.prepare(logits, axis, where)
     labels = jnp.asarray(labels)
     integer = jnp.issubdtype(labels.dtype, jnp.integer)
     if integer:
-        logits, y, weights = _logits.integer_targets(
-            logits, labels, ignore_index=ignore_index, sample_weights=sample_weights
+        prepared, y, weights = _logits.integer_targets(
+            prepared, labels, ignore_index=ignore_index, sample_weights=sample_weights
         )
     elif ignore_index is not None:
         raise ValueError("`ignore_index` applies to integer labels only; got float `labels`.")
     else:
-        logits, t, weights = _logits.probability_targets(logits, labels, sample_weights)
-    g, bad = _checks.hyperparameter(gamma, "gamma", logits.dtype, NON_NEGATIVE)
+        prepared, t, weights = _logits.probability_targets(prepared, labels, sample_weights)
+    g, bad = _checks.hyperparameter(gamma, "gamma", prepared.dtype, NON_NEGATIVE)
     weights = weights.with_invalid(bad)
-    a = None if alpha is None else _alpha_per_class(alpha, logits)
-    m, log_s = _logits.log_normalizer(logits.values, logits.class_mask)
+    a = None if alpha is None else _alpha_per_class(alpha, prepared)
+    m, log_s = _logits.log_normalizer(prepared.values, prepared.class_mask)
     if integer:
-        x_y = _reduce.take_class(logits.values, y)
+        x_y = _reduce.take_class(prepared.values, y)
         coef = _focal_factor((x_y - m) - log_s, g)
         if a is not None:
             coef = coef * (a if a.ndim == 0 else a[y])
         loss = _numerics.neg_log_softmax_at(coef, x_y, m, log_s)
     else:
-        log_p = (logits.values - m[..., None]) - log_s[..., None]
+        log_p = (prepared.values - m[..., None]) - log_s[..., None]
         coef = _focal_factor(log_p, g) * t
         if a is not None:
             coef = coef * (a if a.ndim == 0 else _reduce.along_classes(a, coef))
-        loss = _numerics.neg_log_softmax_sum(coef, logits.values, m, log_s, logits.class_mask)
+        loss = _numerics.neg_log_softmax_sum(coef, prepared.values, m, log_s, prepared.class_mask)
     return _reduce.weigh_and_reduce(loss, weights, reduction)

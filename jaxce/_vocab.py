@@ -8,11 +8,13 @@ bookkeeping of device-varying mesh axes that ``lax.scan`` needs inside ``shard_m
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-Array = jax.Array
+Array: TypeAlias = jax.Array
 
 # Automatic chunk: a (tokens x chunk) float32 tile of about 2**22 elements (16 MiB), at least
 # 256 columns and a multiple of 128.
@@ -62,7 +64,7 @@ def make_varying(x, axes):
         return x
     if hasattr(lax, "pcast"):
         return lax.pcast(x, missing, to="varying")
-    return lax.pvary(x, missing)  # older JAX
+    return lax.pvary(x, missing)  # type: ignore[attr-defined]  # older JAX
 
 
 def sum_over_extra_axes(ct, ref):

@@ -29,6 +29,7 @@ returns the input's dtype); values agree to the tolerance of the input's dtype.
 from __future__ import annotations
 
 import math
+from typing import TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +37,8 @@ import numpy as np
 
 from jaxce import _binary, _checks, _divergence, _reduce, _softmax
 
-Array = jax.Array
-ArrayLike = jax.typing.ArrayLike
+Array: TypeAlias = jax.Array
+ArrayLike: TypeAlias = jax.typing.ArrayLike
 
 __all__ = [
     "binary_cross_entropy",
