@@ -8,7 +8,10 @@ executable, not a trace. Before the call it does the few things only Python can 
 * float hyperparameters stay traced, so a schedule under an outer ``jit`` never recompiles,
   but a concrete (Python or NumPy) value outside its domain raises ``ValueError`` here;
 * an ``optional`` hyperparameter that is a concrete ``0`` is passed as ``None``, so that the
-  loss compiles without its term (``_checks.is_off``) instead of adding a traced zero.
+  loss compiles without its term (``_checks.is_off``) instead of adding a traced zero;
+* a call with concrete arrays dispatches an executable without ``checkify`` value checks
+  (they slow every dispatch; checkify cannot see such a call anyway), a traced call (under
+  an outer ``jit``, ``grad`` or ``checkify``) traces the loss with them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import ParamSpec, TypeVar
 
 import jax
+from jax import core
 
 from jaxce import _checks
 
@@ -39,7 +43,7 @@ def public(
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
         signature = inspect.signature(fn)
-        compiled = jax.jit(fn, static_argnames=static)
+        compiled = {emit: _compile(fn, static, emit) for emit in (True, False)}
 
         @functools.wraps(fn)
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -54,8 +58,20 @@ def public(
             for name in optional:
                 if name in given and _checks.is_zero(given[name]):
                     given[name] = None
-            return compiled(*bound.args, **bound.kwargs)
+            traced = any(isinstance(v, core.Tracer) for v in jax.tree.leaves(given))
+            return compiled[traced](**given)
 
         return call
 
     return decorate
+
+
+def _compile(fn: Callable, static: tuple[str, ...], emit_value_checks: bool) -> Callable:
+    """``jax.jit(fn)`` whose trace emits ``checkify`` value checks or not (see ``_checks``)."""
+
+    @functools.wraps(fn)
+    def traced(**arguments):
+        with _checks.value_checks(emit_value_checks):
+            return fn(**arguments)
+
+    return jax.jit(traced, static_argnames=static)

@@ -14,7 +14,6 @@ from typing import Literal, TypeAlias, overload
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import checkify
 
 from jaxce import _api, _checks, _numerics, _reduce
 from jaxce._checks import NON_NEGATIVE, UNIT_INTERVAL, Reduction
@@ -29,7 +28,7 @@ _LOG_CLAMP = -100.0  # PyTorch's clamp of each log term in ``binary_cross_entrop
 def _in_unit_interval(values: Array, what: str) -> Array:
     """Where ``values`` leave ``[0, 1]`` (NaN included), with a ``checkify`` check."""
     bad = ~_checks.UNIT_INTERVAL.holds(values)
-    checkify.debug_check(~jnp.any(bad), f"{what} must lie in [0, 1].")
+    _checks.value_check(~jnp.any(bad), f"{what} must lie in [0, 1].")
     return bad
 
 

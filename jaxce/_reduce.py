@@ -25,9 +25,8 @@ from typing import TypeAlias
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import checkify
 
-from jaxce import _checks
+from jaxce import _api, _checks
 
 Array: TypeAlias = jax.Array
 ArrayLike: TypeAlias = jax.typing.ArrayLike
@@ -181,7 +180,7 @@ def _check_labels(invalid: Array, labels: Array, num_classes: int, ignore_index)
         return
     flat = invalid.reshape(invalid.size)
     first = jnp.argmax(flat)
-    checkify.debug_check(
+    _checks.value_check(
         ~jnp.any(flat),
         "invalid integer label {label} at flat position {pos}: labels must lie in "
         f"[0, {num_classes}), be `ignore_index` ({ignore_index}), and name a class that "
@@ -233,6 +232,7 @@ def reduce_loss(loss: Array, weight: Array | None, reduction: str):
     return divide_or(total, denominator, 0.0)
 
 
+@_api.public()
 def weighted_mean(total: ArrayLike, weight: ArrayLike) -> Array:
     r"""``total / weight``, defined as ``0`` (with zero gradient) where ``weight == 0``.
 
