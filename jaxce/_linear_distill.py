@@ -415,9 +415,18 @@ def _hyperparameter(value, name: str, dtype, inside: Callable, domain: str) -> A
 
 
 def _prepare(
-    hidden, weight, target_hidden, target_weight, bias, target_bias, sample_weights,
-    reduction, chunk_size, axis_name, vocab_size,
-) -> _Prepared:  # fmt: skip
+    hidden,
+    weight,
+    target_hidden,
+    target_weight,
+    bias,
+    target_bias,
+    sample_weights,
+    reduction,
+    chunk_size,
+    axis_name,
+    vocab_size,
+) -> _Prepared:
     hidden, weight = _kernel(hidden, "hidden", weight, "weight")
     target_hidden, target_weight = _kernel(
         target_hidden, "target_hidden", target_weight, "target_weight"
@@ -613,9 +622,18 @@ def linear_softmax_kl_divergence(
       Milakov and Gimelshein, *Online normalizer calculation for softmax*, 2018.
     """
     prep = _prepare(
-        hidden, weight, target_hidden, target_weight, bias, target_bias, sample_weights,
-        reduction, chunk_size, axis_name, vocab_size,
-    )  # fmt: skip
+        hidden,
+        weight,
+        target_hidden,
+        target_weight,
+        bias,
+        target_bias,
+        sample_weights,
+        reduction,
+        chunk_size,
+        axis_name,
+        vocab_size,
+    )
     t = _hyperparameter(temperature, "temperature", prep.acc, lambda v: v > 0, "> 0")
     kl = _reverse_mode_only(
         "linear_softmax_kl_divergence", _kl, prep.cfg, prep.ops, 1 / t, prep.offset
@@ -713,9 +731,18 @@ def linear_js_divergence(
       *Liger Kernel* (fused linear JSD), 2024.
     """
     prep = _prepare(
-        hidden, weight, target_hidden, target_weight, bias, target_bias, sample_weights,
-        reduction, chunk_size, axis_name, vocab_size,
-    )  # fmt: skip
+        hidden,
+        weight,
+        target_hidden,
+        target_weight,
+        bias,
+        target_bias,
+        sample_weights,
+        reduction,
+        chunk_size,
+        axis_name,
+        vocab_size,
+    )
     t = _hyperparameter(temperature, "temperature", prep.acc, lambda v: v > 0, "> 0")
     b = _hyperparameter(beta, "beta", prep.acc, lambda v: (v >= 0) & (v <= 1), "in [0, 1]")
     js = _reverse_mode_only("linear_js_divergence", _js, prep.cfg, prep.ops, 1 / t, b, prep.offset)
