@@ -300,7 +300,7 @@ def test_traced_hyperparameter_gradients_match_materialised(rng, kind):
     got = jax.jit(jax.grad(lambda t, be: scalar(FUSED[kind], t, be, chunk_size=32), (0, 1)))(
         1.5, 0.4
     )
-    want = jax.grad(lambda t, be: scalar(DENSE[kind], t, be), (0, 1))(1.5, 0.4)
+    want = jax.jit(jax.grad(lambda t, be: scalar(DENSE[kind], t, be), (0, 1)))(1.5, 0.4)
     for g, r in zip(got, want, strict=True):
         np.testing.assert_allclose(float(g), float(r), rtol=1e-4, atol=1e-6)
 
@@ -320,17 +320,18 @@ def test_leading_axes_vmap_checkpoint_and_tied_kernels(rng, kind):
     def dense(emb, h):
         return DENSE[kind](h, emb.T, ht, wt, bias=zeros, target_bias=zeros, reduction="mean")
 
-    ref, ref_g = jax.value_and_grad(dense, argnums=(0, 1))(emb, h)
+    ref, ref_g = jax.jit(jax.value_and_grad(dense, argnums=(0, 1)))(emb, h)
     fused = tied(FUSED[kind], chunk_size=64)
     for f in (fused, jax.checkpoint(fused)):
         val, g = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(emb, h)
         assert_close(val, ref)
         assert_close(g[0], ref_g[0], what="embedding")
         assert_close(g[1], ref_g[1], what="hidden")
+    # (B, T, D) hidden states give (B, T) losses, one per token.
     per_token = jax.jit(FUSED[kind])(h, emb.T, ht, wt)
+    dense_per_token = jax.jit(lambda: DENSE[kind](h, emb.T, ht, wt, bias=zeros, target_bias=zeros))
     assert per_token.shape == (bsz, t)
-    flat = FUSED[kind](h.reshape(-1, d), emb.T, ht.reshape(-1, dt), wt)
-    assert_close(per_token.reshape(-1), flat)
+    assert_close(per_token, dense_per_token())
 
     # vmap over the leading axis, differentiated through.
     def batched(loss, w, **kw):
@@ -340,9 +341,13 @@ def test_leading_axes_vmap_checkpoint_and_tied_kernels(rng, kind):
     (_, per), gw = jax.jit(
         jax.value_and_grad(lambda w: batched(FUSED[kind], w, chunk_size=64), has_aux=True)
     )(emb.T)
-    (_, ref_per), ref_gw = jax.value_and_grad(
-        lambda w: batched(lambda *a, **k: DENSE[kind](*a, bias=zeros, target_bias=zeros, **k), w),
-        has_aux=True,
+    (_, ref_per), ref_gw = jax.jit(
+        jax.value_and_grad(
+            lambda w: batched(
+                lambda *a, **k: DENSE[kind](*a, bias=zeros, target_bias=zeros, **k), w
+            ),
+            has_aux=True,
+        )
     )(emb.T)
     assert_close(per, ref_per)
     assert_close(gw, ref_gw)
@@ -439,10 +444,10 @@ def test_hyperparameter_domains(rng):
     with pytest.raises(checkify.JaxRuntimeError, match="temperature"):
         err.throw()
     # Python and NumPy scalars are accepted.
-    assert_close(
-        kl(h, w, ht, wt, temperature=np.float32(2.0), chunk_size=np.int64(8)),
-        kl(h, w, ht, wt, temperature=2, chunk_size=8),
-    )
+    numpy_scalars = functools.partial(kl, temperature=np.float32(2.0), chunk_size=np.int64(8))
+    python_scalars = functools.partial(kl, temperature=2, chunk_size=8)
+    assert_close(jax.jit(numpy_scalars)(h, w, ht, wt), kl_t(2.0))
+    assert_close(jax.jit(python_scalars)(h, w, ht, wt), kl_t(2.0))
 
 
 def test_bad_shapes_raise(rng):
