@@ -182,6 +182,7 @@ def save_plot(path, curves: dict, evals: dict, eval_steps) -> None:
             eval_steps[: len(values)], values, style, marker=".", color=f"C{i}", label=label
         )
     ax_val.set(xlabel="student step", ylabel="cross-entropy (nats/char)", title="validation")
+    ax_val.set_yscale("log")
     ax_val.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -199,7 +200,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=48, help="characters per window")
     p.add_argument("--teacher-dim", type=int, default=64, help="teacher width (2 layers)")
     p.add_argument("--student-dim", type=int, default=32, help="student width (1 layer)")
-    p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature")
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (> 0)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
     p.add_argument("--eval-every", type=int, default=25, help="student steps between evals")
     p.add_argument(

@@ -120,9 +120,8 @@ class _Online(NamedTuple):
 
     def lse(self) -> Array:
         """``-inf`` for a row with no valid column (a shard that is all padding)."""
-        return jnp.where(jnp.isfinite(self.m), self.m, jnp.zeros((), self.m.dtype)) + jnp.log(
-            self.s
-        )
+        shift = jnp.where(jnp.isfinite(self.m), self.m, jnp.zeros((), self.m.dtype))
+        return shift + jnp.log(self.s)
 
 
 def _global_lse(lse: Array, axis_name: str | None) -> Array:
