@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -189,15 +190,20 @@ def _backward(cfg: _Config, ops: _Operands, inv_t, offset, logit_grads: Callable
     # Reverse order: the shifted last block writes zeros over the columns it shares with the
     # previous block, which then overwrites them with their true gradient.
     dx, dxt, dw, dwt, db, dbt, d_inv, d_extra = _scan_tiles(cfg, ops, body, init, reverse=True)
+
     # Inside shard_map a cotangent may vary over mesh axes its primal does not (dW sums over
     # token shards, the scalars over every shard): sum it there, as the transpose of pcast.
+    def total(ct: Array, ref: Array) -> Array:
+        return _vocab.sum_over_extra_axes(ct, ref)
+
     cts = _Operands(
-        *(
-            None if ct is None else _vocab.sum_over_extra_axes(ct, ref)
-            for ct, ref in zip((dx, dw, db, dxt, dwt, dbt), ops, strict=True)
-        )
+        x=total(dx, ops.x).astype(ops.x.dtype),
+        w=total(dw, ops.w),
+        b=None if ops.b is None else total(db, ops.b),
+        xt=total(dxt, ops.xt).astype(ops.xt.dtype),
+        wt=total(dwt, ops.wt),
+        bt=None if ops.bt is None else total(dbt, ops.bt),
     )
-    cts = cts._replace(x=cts.x.astype(ops.x.dtype), xt=cts.xt.astype(ops.xt.dtype))
     return cts, d_inv, d_extra
 
 
@@ -567,9 +573,24 @@ def linear_softmax_kl_divergence(
     **Vocab-parallel.** With ``axis_name``, call it inside ``jax.shard_map`` with ``weight``,
     ``target_weight`` (and the biases) sharded over the vocabulary along that mesh axis and the
     hidden states replicated over it. The shards' statistics are combined with one ``pmax`` and
-    a few ``psum`` of ``(tokens,)`` vectors; the result equals the unsharded one. Pad both
+    a few ``psum`` of ``(tokens,)`` vectors; the result equals the unsharded one. The kernels'
+    gradients stay local; the hidden states' gradients are partial sums per shard, which
+    ``shard_map`` sums over the axis (the one ``(tokens, D)`` all-reduce of a vocab-parallel
+    head, as in Megatron). Pad both
     kernels with columns up to a multiple of the shard count and pass the true vocabulary as
-    ``vocab_size``: padded columns are excluded from both softmaxes.
+    ``vocab_size``: padded columns are excluded from both softmaxes. Tokens over ``data`` and
+    the vocabulary over ``model``::
+
+        mesh = jax.make_mesh((2, 4), ("data", "model"))
+        P = jax.sharding.PartitionSpec
+
+        @functools.partial(
+            jax.shard_map, mesh=mesh, out_specs=P(),
+            in_specs=(P("data", None), P(None, "model"), P("data", None), P(None, "model")))
+        def loss(h, w, ht, wt):  # per device: (N/2, D), (D, V/4), (N/2, D_t), (D_t, V/4)
+            total, count = jaxce.linear_softmax_kl_divergence(
+                h, w, ht, wt, axis_name="model", reduction="sum_and_weight")
+            return jaxce.weighted_mean(jax.lax.psum(total, "data"), jax.lax.psum(count, "data"))
 
     Args:
       hidden: ``(..., D)`` student hidden states (one row per token).
