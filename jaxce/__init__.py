@@ -19,6 +19,10 @@ from jaxce._divergence import (
 )
 from jaxce._divergence import softmax_kl_divergence as softmax_kl_divergence
 from jaxce._linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
+from jaxce._linear_distill import linear_js_divergence as linear_js_divergence
+from jaxce._linear_distill import (
+    linear_softmax_kl_divergence as linear_softmax_kl_divergence,
+)
 from jaxce._reduce import weighted_mean as weighted_mean
 from jaxce._softmax import nll_loss as nll_loss
 from jaxce._softmax import poly_loss_cross_entropy as poly_loss_cross_entropy
@@ -38,7 +42,9 @@ __all__ = [
     "js_divergence",
     "kl_divergence",
     "kl_divergence_with_log_targets",
+    "linear_js_divergence",
     "linear_softmax_cross_entropy",
+    "linear_softmax_kl_divergence",
     "nll_loss",
     "poly_loss_cross_entropy",
     "pytorch",
