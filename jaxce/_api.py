@@ -35,8 +35,13 @@ def public(
     static: Sequence[str] = (),
     optional: Sequence[str] = (),
     domains: Mapping[str, _checks.Domain] | None = None,
+    reverse_mode_only: bool = False,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Decorator: ``jax.jit`` with static ``static`` options and eager parameter checks."""
+    """Decorator: ``jax.jit`` with static ``static`` options and eager parameter checks.
+
+    ``reverse_mode_only`` (the fused losses, whose core is a ``custom_vjp``): forward-mode
+    differentiation fails with a message naming the function and the alternative.
+    """
     static = tuple(static)
     optional = tuple(optional)
     domains = dict(domains or {})
@@ -59,7 +64,19 @@ def public(
                 if name in given and _checks.is_zero(given[name]):
                     given[name] = None
             traced = any(isinstance(v, core.Tracer) for v in jax.tree.leaves(given))
-            return compiled[traced](**given)
+            if not reverse_mode_only:
+                return compiled[traced](**given)
+            try:
+                return compiled[traced](**given)
+            except TypeError as err:
+                if "forward-mode" not in str(err) and "jvp" not in str(err):
+                    raise
+                raise TypeError(
+                    f"jaxce.{fn.__name__} supports reverse-mode differentiation only "
+                    "(jax.grad, jax.value_and_grad, jax.vjp, under jit, vmap and checkpoint); "
+                    "for jax.jvp or forward-over-reverse use the materialised loss on "
+                    "`hidden @ weight + bias`."
+                ) from err
 
         return call
 

@@ -23,19 +23,19 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 import jax
-import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.experimental import checkify
 
-from jaxce import _checks, _reduce, _vocab
+from jaxce import _api, _checks, _reduce, _vocab
+from jaxce._checks import POSITIVE, UNIT_INTERVAL, Reduction
 
-Array = jax.Array
-ArrayLike = jax.typing.ArrayLike
+Array: TypeAlias = jax.Array
+ArrayLike: TypeAlias = jax.typing.ArrayLike
+Loss: TypeAlias = Array | tuple[Array, Array]
 
 # The backward keeps about four (tokens x chunk) float32 tiles alive (two logit tiles and
 # their gradients, twice the fused cross-entropy's), so each gets a quarter of the shared
@@ -376,7 +376,7 @@ class _Prepared(NamedTuple):
     ops: _Operands
     offset: Array
     batch: tuple[int, ...]
-    info: _reduce.Examples
+    weights: _reduce.ExampleWeights
     acc: jnp.dtype
 
 
@@ -404,19 +404,10 @@ def _bias(bias, name, local_vocab):
     return bias
 
 
-def _hyperparameter(value, name: str, dtype, inside: Callable, domain: str) -> Array:
-    """``value`` as a ``dtype`` scalar; outside ``domain``: ValueError if concrete, else NaN."""
-    if not isinstance(value, jax.core.Tracer):
-        if np.ndim(value) != 0:
-            raise TypeError(f"`{name}` must be a scalar, got shape {np.shape(value)}.")
-        concrete = float(np.asarray(value))
-        if not inside(concrete):
-            raise ValueError(f"`{name}` must be {domain}, got {concrete}.")
-        return jnp.asarray(concrete, dtype)
-    value = jnp.asarray(value, dtype)
-    ok = inside(value)
-    checkify.debug_check(ok, f"`{name}` must be {domain}, got {{value}}.", value=value)
-    return jnp.where(ok, value, jnp.full((), jnp.nan, dtype))
+def _hyperparameter(value, name: str, dtype, domain: _checks.Domain) -> Array:
+    """``value`` in ``dtype``, NaN outside ``domain`` (``_api`` raises for concrete values)."""
+    value, bad = _checks.hyperparameter(value, name, dtype, domain)
+    return jnp.where(bad, jnp.full((), jnp.nan, dtype), value)
 
 
 def _prepare(
@@ -478,16 +469,14 @@ def _prepare(
     acc = _reduce.compute_dtype(
         hidden.dtype, weight.dtype, target_hidden.dtype, target_weight.dtype
     )
-    if sample_weights is not None and jnp.asarray(sample_weights).dtype == jnp.bool_:
-        sample_weights = jnp.asarray(sample_weights).astype(acc)  # a token mask
-    info = _reduce.examples(batch, acc, sample_weights=sample_weights)
+    weights = _reduce.example_weights(batch, acc, sample_weights=sample_weights)
 
     x = hidden.reshape(tokens, hidden.shape[-1])
     xt = target_hidden.reshape(tokens, target_hidden.shape[-1])
     if sample_weights is not None:
         # Dropped tokens get zero hidden states: their loss is discarded anyway, and a NaN in
         # them would otherwise reach dW through 0 * NaN.
-        kept = (info.weight != 0).reshape(tokens, 1)
+        kept = (weights.weight != 0).reshape(tokens, 1)
         x = jnp.where(kept, x, jnp.zeros((), x.dtype))
         xt = jnp.where(kept, xt, jnp.zeros((), xt.dtype))
     if axis_name is not None:
@@ -497,23 +486,14 @@ def _prepare(
         xt = _vocab.make_varying(xt, (axis_name,))
     cfg = _Config(chunk=chunk, limit=int(vocab_size), axis_name=axis_name)
     ops = _Operands(x, weight, bias, xt, target_weight, target_bias)
-    return _Prepared(cfg, ops, offset, batch, info, acc)
+    return _Prepared(cfg, ops, offset, batch, weights, acc)
 
 
-def _reverse_mode_only(name: str, core: Callable, *args):
-    """Calls ``core``; forward-mode differentiation of it fails with a message naming ``name``."""
-    try:
-        return core(*args)
-    except TypeError as err:
-        if "forward-mode" not in str(err):
-            raise
-        raise TypeError(
-            f"jaxce.{name} supports reverse-mode differentiation only (jax.grad, "
-            f"jax.value_and_grad, jax.vjp); jax.jvp and forward-over-reverse need the "
-            f"materialised loss on `hidden @ weight + bias`."
-        ) from err
-
-
+@_api.public(
+    static=("reduction", "chunk_size", "axis_name", "vocab_size"),
+    domains={"temperature": POSITIVE},
+    reverse_mode_only=True,
+)
 def linear_softmax_kl_divergence(
     hidden: ArrayLike,
     weight: ArrayLike,
@@ -524,11 +504,11 @@ def linear_softmax_kl_divergence(
     target_bias: ArrayLike | None = None,
     temperature: float = 1.0,
     sample_weights: ArrayLike | None = None,
-    reduction: str = "none",
+    reduction: Reduction = "none",
     chunk_size: int | None = None,
     axis_name: str | None = None,
     vocab_size: int | None = None,
-):
+) -> Loss:
     r"""Distillation KL from hidden states, without materialising either ``(tokens, V)`` logits.
 
     The student's logits are :math:`s = h W + b`, the teacher's :math:`t = h_t W_t + b_t`
@@ -654,13 +634,16 @@ def linear_softmax_kl_divergence(
         axis_name,
         vocab_size,
     )
-    t = _hyperparameter(temperature, "temperature", prep.acc, lambda v: v > 0, "> 0")
-    kl = _reverse_mode_only(
-        "linear_softmax_kl_divergence", _kl, prep.cfg, prep.ops, 1 / t, prep.offset
-    )
-    return _reduce.finish(jnp.square(t) * kl.reshape(prep.batch), prep.info, reduction)
+    t = _hyperparameter(temperature, "temperature", prep.acc, POSITIVE)
+    kl = _kl(prep.cfg, prep.ops, 1 / t, prep.offset)
+    return _reduce.weigh_and_reduce(jnp.square(t) * kl.reshape(prep.batch), prep.weights, reduction)
 
 
+@_api.public(
+    static=("reduction", "chunk_size", "axis_name", "vocab_size"),
+    domains={"temperature": POSITIVE, "beta": UNIT_INTERVAL},
+    reverse_mode_only=True,
+)
 def linear_js_divergence(
     hidden: ArrayLike,
     weight: ArrayLike,
@@ -672,11 +655,11 @@ def linear_js_divergence(
     target_bias: ArrayLike | None = None,
     temperature: float = 1.0,
     sample_weights: ArrayLike | None = None,
-    reduction: str = "none",
+    reduction: Reduction = "none",
     chunk_size: int | None = None,
     axis_name: str | None = None,
     vocab_size: int | None = None,
-):
+) -> Loss:
     r"""Generalised Jensen-Shannon divergence from hidden states, without materialising logits.
 
     With student logits :math:`s = h W + b`, teacher logits :math:`t = h_t W_t + b_t`,
@@ -763,7 +746,7 @@ def linear_js_divergence(
         axis_name,
         vocab_size,
     )
-    t = _hyperparameter(temperature, "temperature", prep.acc, lambda v: v > 0, "> 0")
-    b = _hyperparameter(beta, "beta", prep.acc, lambda v: (v >= 0) & (v <= 1), "in [0, 1]")
-    js = _reverse_mode_only("linear_js_divergence", _js, prep.cfg, prep.ops, 1 / t, b, prep.offset)
-    return _reduce.finish(js.reshape(prep.batch), prep.info, reduction)
+    t = _hyperparameter(temperature, "temperature", prep.acc, POSITIVE)
+    b = _hyperparameter(beta, "beta", prep.acc, UNIT_INTERVAL)
+    js = _js(prep.cfg, prep.ops, 1 / t, b, prep.offset)
+    return _reduce.weigh_and_reduce(js.reshape(prep.batch), prep.weights, reduction)
