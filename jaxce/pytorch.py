@@ -161,9 +161,11 @@ def _class_indices(target: Array, input: Array, num_classes: int, ignore_index: 
 
 
 def _float_weight(weight, name: str, dtype) -> Array:
-    """``weight`` as a floating array; a boolean mask is cast to ``dtype`` (the contract)."""
+    """``weight`` as a floating array: a boolean mask, or a Python/NumPy scalar such as
+    ``pos_weight=2``, is cast to ``dtype`` (the contract); other non-float arrays raise."""
+    scalar = isinstance(weight, int | float | np.number)
     weight = jnp.asarray(weight)
-    if weight.dtype == jnp.bool_:
+    if weight.dtype == jnp.bool_ or (scalar and not jnp.issubdtype(weight.dtype, jnp.floating)):
         return weight.astype(dtype)
     return _checks.as_floating(weight, name)
 
@@ -552,6 +554,8 @@ def binary_cross_entropy_with_logits(
     target = _same_shape_target(target, input)
     _reduction(reduction)
     weight = _elementwise_weight(weight, "weight", input)
+    if pos_weight is not None:
+        pos_weight = _float_weight(pos_weight, "pos_weight", input.dtype)
     out = _binary.sigmoid_binary_cross_entropy(
         input,
         target,
