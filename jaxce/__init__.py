@@ -7,6 +7,7 @@ value per example by default (``reduction="none"``); see ``README.md`` for the c
 """
 
 from jaxce import pytorch as pytorch  # PyTorch semantics, a submodule: jaxce.pytorch
+from jaxce import sklearn as sklearn  # scikit-learn semantics, a submodule: jaxce.sklearn
 from jaxce._binary import binary_cross_entropy as binary_cross_entropy
 from jaxce._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from jaxce._binary import sigmoid_focal_loss as sigmoid_focal_loss
@@ -44,6 +45,7 @@ __all__ = [
     "pytorch",
     "sigmoid_binary_cross_entropy",
     "sigmoid_focal_loss",
+    "sklearn",
     "smooth_labels",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
