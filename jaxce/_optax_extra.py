@@ -51,7 +51,9 @@ def safe_softmax_cross_entropy(logits: ArrayLike, labels: ArrayLike) -> Array:
     and to the gradients (never NaN). Every jaxce cross-entropy already does this; the name
     exists so that optax code ports unchanged. A row of logits that are all :math:`-\infty` is
     NaN (no class has probability), and a positive label on a :math:`-\infty` logit gives
-    :math:`+\infty`, as the mathematics says.
+    :math:`+\infty`, as the mathematics says. The gradient with respect to a zero label on a
+    :math:`-\infty` logit is 0 here, as in jaxce's other cross-entropies (optax gives
+    :math:`+\infty`); every other gradient is optax's.
 
     Args:
       logits: unnormalised log-probabilities ``(..., C)``, floating.
