@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
 from jaxce import _checks, _reduce
 
@@ -86,7 +87,8 @@ def ctc_loss_with_forward_probs(
       closing step, so ``logalpha_blank[-1, b, N_b] = -loss[b]``); ``logalpha_emit``
       ``(T, B, N)`` the ``emitting`` states. float32 for half-precision ``logits``, else their
       dtype. A non-padded label outside ``[0, K)`` makes its sequence's loss NaN (optax would
-      silently read a zero log-probability). An impossible alignment (more labels than
+      silently read a zero log-probability) and, under ``jax.experimental.checkify`` (user
+      checks), raises naming the label. An impossible alignment (more labels than
       frames allow) gives a loss of about ``-log_epsilon``, as in optax.
 
     Examples:
@@ -115,6 +117,14 @@ def ctc_loss_with_forward_probs(
     valid = (labels >= 0) & (labels < classes)
     padded_label = label_paddings.astype(bool)
     bad = jnp.any(~valid & ~padded_label, axis=1)
+    if labels.size:
+        checkify.debug_check(
+            ~jnp.any(bad),
+            f"invalid CTC label {{label}}: non-padded labels must lie in [0, {classes}).",
+            label=jnp.where(valid | padded_label, 0, labels).reshape(-1)[
+                jnp.argmax((~valid & ~padded_label).reshape(-1))
+            ],
+        )
     label_log_probs = jnp.take_along_axis(
         log_probs, jnp.where(valid, labels, 0)[:, None, :], axis=2
     )  # (B, T, N): log p_t(y_n)

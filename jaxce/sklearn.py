@@ -137,7 +137,9 @@ def log_loss(
     Args:
       y_true: integer class labels ``(N,)``, or an ``(N, C)`` 0/1 indicator matrix (used as
         :math:`T` directly, as scikit-learn does).
-      y_proba: probabilities ``(N, C)``, or ``(N,)`` for the positive class; floating.
+      y_proba: probabilities ``(N, C)``, or ``(N,)`` for the positive class (integer or
+        boolean 0/1 predictions are converted to the default float dtype: float64, as in
+        scikit-learn, only with ``jax_enable_x64``; its epsilon sets the clipping).
       normalize: the weighted mean if ``True``, else the weighted sum.
       sample_weight: optional weights ``(N,)``; boolean masks are cast.
       labels: optional class values (static), e.g. ``(0, 1, 2)`` when ``y_true`` lacks 2.
@@ -168,6 +170,10 @@ def log_loss(
       ...                            labels=(0, 1, 2), normalize=False)), 4))
       0.462
     """
+    y_proba = jnp.asarray(y_proba)
+    if jnp.issubdtype(y_proba.dtype, jnp.integer) or y_proba.dtype == jnp.bool_:
+        # scikit-learn converts 0/1 predictions to floats; so does this (default float dtype).
+        y_proba = y_proba.astype(jnp.result_type(float))
     y_proba = _checks.as_floating(y_proba, "y_proba")
     dtype = _reduce.compute_dtype(y_proba.dtype)
     y_proba = y_proba.astype(dtype)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 from reference import check_grads_2, log_softmax
 
 import jaxce
@@ -197,6 +198,10 @@ def test_bad_values_give_nan_and_bad_shapes_raise():
     bad[1, 0] = 7  # out of range, not padded
     loss = np.asarray(jaxce.ctc_loss(logits, logit_paddings, bad, label_paddings))
     assert np.isnan(loss[1]) and np.isfinite(loss[[0, 2]]).all()
+    checked = checkify.checkify(jaxce.ctc_loss, errors=checkify.user_checks)
+    error, _ = checked(logits, logit_paddings, bad, label_paddings)
+    with pytest.raises(checkify.JaxRuntimeError, match="invalid CTC label 7"):
+        error.throw()
     padded_bad = labels.copy()
     padded_bad[2, 1], label_paddings[2, 1] = -1, 1.0  # a padded entry may hold anything
     assert np.isfinite(jaxce.ctc_loss(logits, logit_paddings, padded_bad, label_paddings)).all()

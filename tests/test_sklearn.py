@@ -200,8 +200,19 @@ def test_bad_values_raise_eagerly_as_scikit_learn(rng):
         jsk.log_loss([0, 1, 5], y_proba, labels=(0, 1))
     with pytest.raises(ValueError, match="y_true"):
         jsk.log_loss([0, 1], y_proba)
-    with pytest.raises(TypeError, match="y_proba"):
-        jsk.log_loss([0, 1, 1], [[0, 1], [1, 0], [0, 1]])
+    with pytest.raises(TypeError, match="y_true"):
+        jsk.log_loss([0.0, 1.0, 1.0], y_proba, labels=(0, 1))
+
+
+def test_hard_integer_predictions_are_converted_as_scikit_learn():
+    y_true, y_proba = [0, 1, 1], [[0, 1], [0, 1], [1, 0]]
+    # scikit-learn converts them to float64, whose eps sets the clipping: enable x64 to match.
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(
+            float(jsk.log_loss(y_true, y_proba)), metrics.log_loss(y_true, y_proba), rtol=1e-12
+        )
+    eps32 = np.finfo(np.float32).eps
+    np.testing.assert_allclose(float(jsk.log_loss(y_true, y_proba)), -2 * np.log(eps32) / 3)
 
 
 def test_under_jit_an_unknown_class_value_gives_nan(rng):
