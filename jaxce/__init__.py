@@ -7,9 +7,13 @@ value per example by default (``reduction="none"``); see ``README.md`` for the c
 """
 
 from jaxce import pytorch as pytorch  # PyTorch semantics, a submodule: jaxce.pytorch
+from jaxce import sklearn as sklearn  # scikit-learn semantics, a submodule: jaxce.sklearn
 from jaxce._binary import binary_cross_entropy as binary_cross_entropy
 from jaxce._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from jaxce._binary import sigmoid_focal_loss as sigmoid_focal_loss
+from jaxce._contrastive import ntxent as ntxent
+from jaxce._ctc import ctc_loss as ctc_loss
+from jaxce._ctc import ctc_loss_with_forward_probs as ctc_loss_with_forward_probs
 from jaxce._divergence import binary_entropy as binary_entropy
 from jaxce._divergence import entropy as entropy
 from jaxce._divergence import js_divergence as js_divergence
@@ -23,6 +27,9 @@ from jaxce._linear_distill import linear_js_divergence as linear_js_divergence
 from jaxce._linear_distill import (
     linear_softmax_kl_divergence as linear_softmax_kl_divergence,
 )
+from jaxce._optax_extra import convex_kl_divergence as convex_kl_divergence
+from jaxce._optax_extra import generalized_kl_divergence as generalized_kl_divergence
+from jaxce._optax_extra import safe_softmax_cross_entropy as safe_softmax_cross_entropy
 from jaxce._reduce import weighted_mean as weighted_mean
 from jaxce._softmax import nll_loss as nll_loss
 from jaxce._softmax import poly_loss_cross_entropy as poly_loss_cross_entropy
@@ -38,7 +45,11 @@ __version__ = "0.1.0"
 __all__ = [
     "binary_cross_entropy",
     "binary_entropy",
+    "convex_kl_divergence",
+    "ctc_loss",
+    "ctc_loss_with_forward_probs",
     "entropy",
+    "generalized_kl_divergence",
     "js_divergence",
     "kl_divergence",
     "kl_divergence_with_log_targets",
@@ -46,10 +57,13 @@ __all__ = [
     "linear_softmax_cross_entropy",
     "linear_softmax_kl_divergence",
     "nll_loss",
+    "ntxent",
     "poly_loss_cross_entropy",
     "pytorch",
+    "safe_softmax_cross_entropy",
     "sigmoid_binary_cross_entropy",
     "sigmoid_focal_loss",
+    "sklearn",
     "smooth_labels",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",

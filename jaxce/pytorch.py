@@ -22,6 +22,32 @@ raise here too when the arrays are concrete (eager calls). Under ``jax.jit`` val
 known while tracing; the core's behaviour applies instead: an out-of-range class index gives a
 ``NaN`` loss for its example.
 
+The loss modules (``CrossEntropyLoss``, ``NLLLoss``, ``BCELoss``, ``BCEWithLogitsLoss``,
+``KLDivLoss``) take ``torch.nn``'s constructor arguments and are called as
+``criterion(input, target)``; each is a JAX pytree (its ``weight``/``pos_weight`` arrays are
+leaves, every other option static), so it can be closed over or passed through ``jax.jit``.
+
+Signatures are ``torch.nn.functional``'s positionally, the deprecated ``size_average`` and
+``reduce`` included. When either is not ``None``, ``reduction`` is ignored and derived as
+PyTorch derives it (``reduce=False``: ``"none"``; otherwise ``size_average=False``: ``"sum"``;
+otherwise ``"mean"``; a ``None`` counts as ``True``), with PyTorch's ``UserWarning``.
+
+Errors, eagerly (concrete arrays), next to what PyTorch raises:
+
+=====================================================  ==============  =====================
+bad value                                              PyTorch         jaxce.pytorch
+=====================================================  ==============  =====================
+class index outside ``[0, C)``, not ``ignore_index``   IndexError      IndexError
+``binary_cross_entropy`` input/target outside [0, 1]   RuntimeError    InvalidValueError
+``label_smoothing > 1``                                RuntimeError    InvalidValueError
+``label_smoothing < 0``                                (treated as 0)  InvalidValueError
+unknown ``reduction``                                  ValueError      ValueError
+shape mismatch, wrong ``weight`` length                Value/Runtime   ValueError
+=====================================================  ==============  =====================
+
+``InvalidValueError`` subclasses both ``ValueError`` and ``RuntimeError``. Under ``jax.jit``
+values are unknown and nothing raises; the loss of an affected element is ``NaN``.
+
 Half-precision inputs are computed in float32 and the loss comes back in float32 (PyTorch
 returns the input's dtype); values agree to the tolerance of the input's dtype.
 """
@@ -29,6 +55,7 @@ returns the input's dtype); values agree to the tolerance of the input's dtype.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TypeAlias
 
 import jax
@@ -41,6 +68,12 @@ Array: TypeAlias = jax.Array
 ArrayLike: TypeAlias = jax.typing.ArrayLike
 
 __all__ = [
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "InvalidValueError",
+    "KLDivLoss",
+    "NLLLoss",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
@@ -53,6 +86,35 @@ _REDUCTIONS = ("none", "mean", "sum")
 
 # --------------------------------------------------------------------------------------------
 # Argument checks (PyTorch names in the messages)
+
+
+class InvalidValueError(ValueError, RuntimeError):
+    """A value PyTorch rejects with ``RuntimeError``, raised eagerly (concrete arrays only).
+
+    Both a ``ValueError`` (jaxce's convention for bad values) and a ``RuntimeError`` (what the
+    ported PyTorch code may catch), so either ``except`` clause keeps working.
+    """
+
+
+def _legacy_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
+    """PyTorch's mapping of the deprecated ``size_average``/``reduce`` onto ``reduction``.
+
+    When either is given, ``reduction`` is ignored (as in PyTorch): both default to ``True``,
+    ``reduce=False`` means ``"none"``, else ``size_average=False`` means ``"sum"``, else
+    ``"mean"``. PyTorch warns with a ``UserWarning``, so this does too.
+    """
+    if size_average is None and reduce is None:
+        return reduction
+    size_average = True if size_average is None else bool(size_average)
+    reduce = True if reduce is None else bool(reduce)
+    legacy = ("mean" if size_average else "sum") if reduce else "none"
+    warnings.warn(
+        "`size_average` and `reduce` are deprecated (as in PyTorch); "
+        f"pass reduction={legacy!r} instead.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return legacy
 
 
 def _is_concrete(*xs) -> bool:
@@ -99,17 +161,30 @@ def _class_indices(target: Array, input: Array, num_classes: int, ignore_index: 
     return target
 
 
-def _class_weight(weight, num_classes: int) -> Array | None:
+def _float_weight(weight, name: str, dtype) -> Array:
+    """``weight`` as a floating array: a boolean mask, or a Python/NumPy scalar such as
+    ``pos_weight=2``, is cast to ``dtype`` (the contract); other non-float arrays raise."""
+    scalar = isinstance(weight, int | float | np.number)
+    weight = jnp.asarray(weight)
+    if weight.dtype == jnp.bool_ or (scalar and not jnp.issubdtype(weight.dtype, jnp.floating)):
+        return weight.astype(dtype)
+    return _checks.as_floating(weight, name)
+
+
+def _class_weight(weight, num_classes: int, dtype) -> Array | None:
     if weight is None:
         return None
-    weight = _checks.as_floating(weight, "weight")
+    weight = _float_weight(weight, "weight", dtype)
     _checks.same_shape(weight, "weight", (num_classes,), "one weight per class")
     return weight
 
 
 def _label_smoothing(label_smoothing) -> None:
     if _is_concrete(label_smoothing) and not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"`label_smoothing` must lie in [0, 1], got {float(label_smoothing)}.")
+        # PyTorch raises RuntimeError above 1 (and ignores a negative value); jaxce rejects both.
+        raise InvalidValueError(
+            f"`label_smoothing` must lie in [0, 1], got {float(label_smoothing)}."
+        )
 
 
 def _mean(total: Array, denominator: Array) -> Array:
@@ -138,7 +213,9 @@ def cross_entropy(
     input: ArrayLike,
     target: ArrayLike,
     weight: ArrayLike | None = None,
+    size_average: bool | None = None,
     ignore_index: int = -100,
+    reduce: bool | None = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
 ) -> Array:
@@ -173,9 +250,13 @@ def cross_entropy(
       target: class indices of shape ``()``, ``(N)`` or ``(N, d1, ..., dK)`` (any integer
         dtype), or probabilities of ``input``'s shape (floating dtype).
       weight: optional ``(C,)`` class weights.
+      size_average: deprecated, as in PyTorch; see ``reduce``.
       ignore_index: class-index target value whose examples are dropped from the loss, the
         gradient and the mean's denominator. Probability targets accept only negative
         values (ignored), as in PyTorch.
+      reduce: deprecated, as in PyTorch: if it or ``size_average`` is not ``None``,
+        ``reduction`` is ignored and derived from them (see the module docstring), with a
+        ``UserWarning``.
       reduction: ``"none"``, ``"mean"`` or ``"sum"``.
       label_smoothing: :math:`\varepsilon \in [0, 1]`.
 
@@ -186,8 +267,10 @@ def cross_entropy(
     Raises:
       IndexError: eagerly (concrete ``target``), for a class index outside ``[0, C)`` that is
         not ``ignore_index``. Under ``jax.jit`` such an example's loss is ``NaN`` instead.
+      InvalidValueError: (a ``ValueError`` and a ``RuntimeError``, as PyTorch raises) for a
+        concrete ``label_smoothing`` outside ``[0, 1]``.
       ValueError: for shapes PyTorch rejects, a non-negative ``ignore_index`` with probability
-        targets, ``label_smoothing`` outside ``[0, 1]`` or an unknown ``reduction``.
+        targets or an unknown ``reduction``.
 
     Differences from PyTorch: none in values. A negative ``label_smoothing`` raises here
     (PyTorch silently treats it as 0); if the class weights of every kept example are zero
@@ -207,13 +290,14 @@ def cross_entropy(
       ...                       label_smoothing=0.1)
       Array(2.1631, dtype=float32)
     """
+    reduction = _legacy_reduction(size_average, reduce, reduction)
     input = _checks.as_floating(input, "input")
     target = jnp.asarray(target)
     _reduction(reduction)
     _label_smoothing(label_smoothing)
     axis, _ = _class_layout(input)
     num_classes = input.shape[axis]
-    weight = _class_weight(weight, num_classes)
+    weight = _class_weight(weight, num_classes, input.dtype)
     core_reduction = "none" if reduction == "none" else "sum_and_weight"
     if jnp.issubdtype(target.dtype, jnp.integer):
         target = _class_indices(target, input, num_classes, ignore_index)
@@ -257,7 +341,9 @@ def nll_loss(
     input: ArrayLike,
     target: ArrayLike,
     weight: ArrayLike | None = None,
+    size_average: bool | None = None,
     ignore_index: int = -100,
+    reduce: bool | None = None,
     reduction: str = "mean",
 ) -> Array:
     r"""Negative log-likelihood with PyTorch's ``torch.nn.functional.nll_loss`` semantics.
@@ -275,7 +361,11 @@ def nll_loss(
       input: log-probabilities of shape ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
       target: class indices (integer dtype) of shape ``()``, ``(N)`` or ``(N, d1, ..., dK)``.
       weight: optional ``(C,)`` class weights :math:`w`.
+      size_average: deprecated, as in PyTorch; see ``reduce``.
       ignore_index: target value whose examples are dropped.
+      reduce: deprecated, as in PyTorch: if it or ``size_average`` is not ``None``,
+        ``reduction`` is ignored and derived from them (see the module docstring), with a
+        ``UserWarning``.
       reduction: ``"none"``, ``"mean"`` or ``"sum"``.
 
     Returns:
@@ -295,6 +385,7 @@ def nll_loss(
       >>> pytorch.nll_loss(log_probs, jnp.array([0, 2]), weight=jnp.array([1.0, 1.0, 3.0]))
       Array(0.5785, dtype=float32)
     """
+    reduction = _legacy_reduction(size_average, reduce, reduction)
     input = _checks.as_floating(input, "input")
     target = _checks.as_integer(
         target, "target", " `nll_loss` takes class indices; for probabilities use `cross_entropy`."
@@ -302,7 +393,7 @@ def nll_loss(
     _reduction(reduction)
     axis, _ = _class_layout(input)
     target = _class_indices(target, input, input.shape[axis], ignore_index)
-    weight = _class_weight(weight, input.shape[axis])
+    weight = _class_weight(weight, input.shape[axis], input.dtype)
     out = _softmax.nll_loss(
         input,
         target,
@@ -331,7 +422,7 @@ def _elementwise_weight(weight, name: str, input: Array) -> Array | None:
     """``weight`` broadcast to ``input``'s shape (PyTorch broadcasts it, never ``input``)."""
     if weight is None:
         return None
-    weight = _checks.as_floating(weight, name)
+    weight = _float_weight(weight, name, input.dtype)
     return _checks.broadcastable(weight, name, input.shape, f"`input` {input.shape}")
 
 
@@ -344,6 +435,8 @@ def binary_cross_entropy(
     input: ArrayLike,
     target: ArrayLike,
     weight: ArrayLike | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
     reduction: str = "mean",
 ) -> Array:
     r"""Binary cross-entropy on probabilities, as ``torch.nn.functional.binary_cross_entropy``.
@@ -361,15 +454,21 @@ def binary_cross_entropy(
       input: probabilities :math:`x \in [0, 1]`, any shape.
       target: targets :math:`y \in [0, 1]` of ``input``'s shape.
       weight: optional weights :math:`w` broadcastable to ``input``'s shape.
+      size_average: deprecated, as in PyTorch; see ``reduce``.
+      reduce: deprecated, as in PyTorch: if it or ``size_average`` is not ``None``,
+        ``reduction`` is ignored and derived from them (see the module docstring), with a
+        ``UserWarning``.
       reduction: ``"none"``, ``"mean"`` or ``"sum"``.
 
     Returns:
       Per-element losses of ``input``'s shape (``"none"``) or a scalar.
 
     Raises:
-      ValueError: eagerly (concrete arrays), when ``input`` or ``target`` has a value outside
-        ``[0, 1]`` (PyTorch raises too); for mismatched shapes or an unknown ``reduction``.
-        Under ``jax.jit`` an ``input`` outside ``[0, 1]`` gives ``NaN`` for its element.
+      InvalidValueError: (a ``ValueError`` and a ``RuntimeError``, as PyTorch raises)
+        eagerly (concrete arrays), when ``input`` or ``target`` has a value outside
+        ``[0, 1]``, NaN included. Under ``jax.jit`` an ``input`` outside ``[0, 1]`` gives
+        ``NaN`` for its element.
+      ValueError: for mismatched shapes or an unknown ``reduction``.
 
     Differences from PyTorch: none in values. Gradients agree except where a log is clamped
     (:math:`x` within about :math:`e^{-100}` of 0 or 1): there a clamped term contributes a
@@ -384,6 +483,7 @@ def binary_cross_entropy(
       >>> pytorch.binary_cross_entropy(probs, target, weight=jnp.array([1.0, 2.0, 0.0]))
       Array(0.2677, dtype=float32)
     """
+    reduction = _legacy_reduction(size_average, reduce, reduction)
     input = _checks.as_floating(input, "input")
     target = _same_shape_target(target, input)
     _reduction(reduction)
@@ -392,7 +492,7 @@ def binary_cross_entropy(
         if _is_concrete(values):
             values = np.asarray(values)
             if values.size and not ((values >= 0) & (values <= 1)).all():
-                raise ValueError(f"every element of `{name}` must lie in [0, 1].")
+                raise InvalidValueError(f"every element of `{name}` must lie in [0, 1].")
     out = _binary.binary_cross_entropy(
         input, target, sample_weights=weight, reduction="none" if reduction == "none" else "sum"
     )
@@ -403,6 +503,8 @@ def binary_cross_entropy_with_logits(
     input: ArrayLike,
     target: ArrayLike,
     weight: ArrayLike | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
     reduction: str = "mean",
     pos_weight: ArrayLike | None = None,
 ) -> Array:
@@ -420,6 +522,10 @@ def binary_cross_entropy_with_logits(
       input: logits :math:`x`, any shape.
       target: targets :math:`y \in [0, 1]` of ``input``'s shape.
       weight: optional weights :math:`w` broadcastable to ``input``'s shape.
+      size_average: deprecated, as in PyTorch; see ``reduce``.
+      reduce: deprecated, as in PyTorch: if it or ``size_average`` is not ``None``,
+        ``reduction`` is ignored and derived from them (see the module docstring), with a
+        ``UserWarning``.
       reduction: ``"none"``, ``"mean"`` or ``"sum"``.
       pos_weight: optional :math:`w_+` broadcastable to ``input``'s shape: per class on the
         last axis, shape ``(C,)``; for ``(N, C, H, W)`` inputs, ``(C, 1, 1)``.
@@ -444,10 +550,13 @@ def binary_cross_entropy_with_logits(
       ...                                          pos_weight=jnp.array([1.0, 3.0, 0.5]))
       Array(0.5893, dtype=float32)
     """
+    reduction = _legacy_reduction(size_average, reduce, reduction)
     input = _checks.as_floating(input, "input")
     target = _same_shape_target(target, input)
     _reduction(reduction)
     weight = _elementwise_weight(weight, "weight", input)
+    if pos_weight is not None:
+        pos_weight = _float_weight(pos_weight, "pos_weight", input.dtype)
     out = _binary.sigmoid_binary_cross_entropy(
         input,
         target,
@@ -465,6 +574,8 @@ def binary_cross_entropy_with_logits(
 def kl_div(
     input: ArrayLike,
     target: ArrayLike,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
     reduction: str = "mean",
     log_target: bool = False,
 ) -> Array:
@@ -488,6 +599,10 @@ def kl_div(
     Args:
       input: log-probabilities :math:`\log q`, any shape (PyTorch's ``(N, *)``).
       target: :math:`p` (or :math:`\log p`), broadcastable with ``input``.
+      size_average: deprecated, as in PyTorch; see ``reduce``.
+      reduce: deprecated, as in PyTorch: if it or ``size_average`` is not ``None``,
+        ``reduction`` is ignored and derived from them (see the module docstring), with a
+        ``UserWarning``.
       reduction: ``"none"``, ``"batchmean"``, ``"sum"`` or ``"mean"``.
       log_target: whether ``target`` holds :math:`\log p`.
 
@@ -510,6 +625,7 @@ def kl_div(
       >>> pytorch.kl_div(log_q[1], jnp.log(p[1]), reduction="none", log_target=True)
       Array([-0.1733,  0.    ,  0.3466], dtype=float32)
     """
+    reduction = _legacy_reduction(size_average, reduce, reduction)
     _reduction(reduction, _REDUCTIONS + ("batchmean",))
     input = _checks.as_floating(input, "input")
     target = _checks.as_floating(target, "target")
@@ -530,3 +646,289 @@ def kl_div(
     if reduction == "batchmean":
         return _elementwise_mean(out, batch)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Loss modules: torch.nn's constructors, JAX pytrees
+
+
+class _Loss:
+    """Base of the loss modules: a pytree of its array options, the rest static.
+
+    Subclasses list their array attributes in ``_arrays`` (pytree leaves; ``None`` when not
+    given) and the others in ``_static`` (hashable aux data, part of a jit cache key).
+    """
+
+    _arrays: tuple[str, ...] = ()
+    _static: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        jax.tree_util.register_pytree_node(cls, cls._flatten, cls._unflatten)
+
+    def _flatten(self):
+        return [getattr(self, n) for n in self._arrays], tuple(
+            getattr(self, n) for n in self._static
+        )
+
+    @classmethod
+    def _unflatten(cls, static, arrays):
+        loss = object.__new__(cls)
+        for name, value in zip(cls._arrays + cls._static, tuple(arrays) + static, strict=True):
+            setattr(loss, name, value)
+        return loss
+
+    def __call__(self, input: ArrayLike, target: ArrayLike) -> Array:
+        return self.forward(input, target)
+
+    def forward(self, input: ArrayLike, target: ArrayLike) -> Array:  # pragma: no cover
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._static)
+        return f"{type(self).__name__}({options})"
+
+
+def _array_or_none(x) -> Array | None:
+    return None if x is None else jnp.asarray(x)
+
+
+class CrossEntropyLoss(_Loss):
+    r"""``torch.nn.CrossEntropyLoss``: :func:`cross_entropy` with options fixed at construction.
+
+    .. math::
+      \ell_n = (1 - arepsilon)\, w_{y_n} (-\log p_{n, y_n})
+               + rac{arepsilon}{C} \sum_c w_c (-\log p_{n, c}),
+      \qquad p = \operatorname{softmax}(	ext{input}) 	ext{ over axis 1}
+
+    A JAX pytree: ``weight`` is a leaf (traced when the module is passed into a jitted
+    function, differentiable), ``ignore_index``, ``reduction`` and ``label_smoothing`` are
+    static aux data.
+
+    Args:
+      weight: optional ``(C,)`` class weights.
+      size_average: deprecated, as in PyTorch (see :func:`cross_entropy`).
+      ignore_index: class index whose targets are dropped.
+      reduce: deprecated, as in PyTorch.
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+      label_smoothing: :math:`arepsilon \in [0, 1]`.
+
+    Calling ``criterion(input, target)`` returns :func:`cross_entropy`'s result: per-example
+    losses of ``input``'s shape without axis 1 (``"none"``) or a scalar, float32 for
+    half-precision ``input``, else ``input``'s dtype.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxce import pytorch
+      >>> criterion = pytorch.CrossEntropyLoss(weight=jnp.array([1.0, 2.0, 1.0]))
+      >>> logits = jnp.array([[2.0, 0.5, 0.1], [0.1, 0.2, 0.9]])
+      >>> criterion(logits, jnp.array([0, 2]))
+      Array(0.4913, dtype=float32)
+      >>> jax.jit(lambda c, x: c(x, jnp.array([0, 2])))(criterion, logits)
+      Array(0.4913, dtype=float32)
+    """
+
+    _arrays = ("weight",)
+    _static = ("ignore_index", "reduction", "label_smoothing")
+
+    def __init__(
+        self,
+        weight: ArrayLike | None = None,
+        size_average: bool | None = None,
+        ignore_index: int = -100,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        self.weight = _array_or_none(weight)
+        self.ignore_index = ignore_index
+        self.reduction = _legacy_reduction(size_average, reduce, reduction)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, input: ArrayLike, target: ArrayLike) -> Array:
+        return cross_entropy(
+            input,
+            target,
+            self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )
+
+
+class NLLLoss(_Loss):
+    r"""``torch.nn.NLLLoss``: :func:`nll_loss` with options fixed at construction.
+
+    .. math::
+      \ell_n = -w_{y_n}\, x_{n, y_n}
+
+    A JAX pytree: ``weight`` is a leaf, ``ignore_index`` and ``reduction`` static aux data.
+
+    Args:
+      weight: optional ``(C,)`` class weights :math:`w`.
+      size_average: deprecated, as in PyTorch (see :func:`nll_loss`).
+      ignore_index: class index whose targets are dropped.
+      reduce: deprecated, as in PyTorch.
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+
+    Calling ``criterion(input, target)`` (log-probabilities, class indices) returns
+    :func:`nll_loss`'s result.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxce import pytorch
+      >>> log_probs = jax.nn.log_softmax(jnp.array([[2.0, 0.5, 0.1], [0.1, 0.2, 0.9]]))
+      >>> pytorch.NLLLoss(reduction="sum")(log_probs, jnp.array([0, 2]))
+      Array(0.9825, dtype=float32)
+    """
+
+    _arrays = ("weight",)
+    _static = ("ignore_index", "reduction")
+
+    def __init__(
+        self,
+        weight: ArrayLike | None = None,
+        size_average: bool | None = None,
+        ignore_index: int = -100,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        self.weight = _array_or_none(weight)
+        self.ignore_index = ignore_index
+        self.reduction = _legacy_reduction(size_average, reduce, reduction)
+
+    def forward(self, input: ArrayLike, target: ArrayLike) -> Array:
+        return nll_loss(
+            input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction
+        )
+
+
+class BCELoss(_Loss):
+    r"""``torch.nn.BCELoss``: :func:`binary_cross_entropy` with options fixed at construction.
+
+    .. math::
+      \ell_i = -w_i ig(y_i \max(\log x_i, -100) + (1 - y_i) \max(\log(1 - x_i), -100)ig)
+
+    A JAX pytree: ``weight`` is a leaf, ``reduction`` static aux data.
+
+    Args:
+      weight: optional weights broadcastable to ``input``'s shape.
+      size_average: deprecated, as in PyTorch (see :func:`binary_cross_entropy`).
+      reduce: deprecated, as in PyTorch.
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+
+    Calling ``criterion(input, target)`` (probabilities, targets) returns
+    :func:`binary_cross_entropy`'s result; it raises :class:`InvalidValueError` eagerly for
+    concrete values outside ``[0, 1]``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxce import pytorch
+      >>> pytorch.BCELoss()(jnp.array([0.7, 0.2]), jnp.array([1.0, 0.0]))
+      Array(0.2899, dtype=float32)
+    """
+
+    _arrays = ("weight",)
+    _static = ("reduction",)
+
+    def __init__(
+        self,
+        weight: ArrayLike | None = None,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        self.weight = _array_or_none(weight)
+        self.reduction = _legacy_reduction(size_average, reduce, reduction)
+
+    def forward(self, input: ArrayLike, target: ArrayLike) -> Array:
+        return binary_cross_entropy(input, target, self.weight, reduction=self.reduction)
+
+
+class BCEWithLogitsLoss(_Loss):
+    r"""``torch.nn.BCEWithLogitsLoss``: :func:`binary_cross_entropy_with_logits`, options fixed.
+
+    .. math::
+      \ell_i = -w_i ig(w_{+,i}\, y_i \log \sigma(x_i) + (1 - y_i) \log(1 - \sigma(x_i))ig)
+
+    A JAX pytree: ``weight`` and ``pos_weight`` are leaves, ``reduction`` static aux data.
+
+    Args:
+      weight: optional weights broadcastable to ``input``'s shape.
+      size_average: deprecated, as in PyTorch (see :func:`binary_cross_entropy_with_logits`).
+      reduce: deprecated, as in PyTorch.
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+      pos_weight: optional positive-class weights :math:`w_+` broadcastable to ``input``.
+
+    Calling ``criterion(input, target)`` (logits, targets) returns
+    :func:`binary_cross_entropy_with_logits`'s result.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxce import pytorch
+      >>> criterion = pytorch.BCEWithLogitsLoss(pos_weight=jnp.array([3.0, 1.0]))
+      >>> criterion(jnp.array([[0.8, -1.2]]), jnp.array([[1.0, 0.0]]))
+      Array(0.6883, dtype=float32)
+    """
+
+    _arrays = ("weight", "pos_weight")
+    _static = ("reduction",)
+
+    def __init__(
+        self,
+        weight: ArrayLike | None = None,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+        pos_weight: ArrayLike | None = None,
+    ) -> None:
+        self.weight = _array_or_none(weight)
+        self.pos_weight = _array_or_none(pos_weight)
+        self.reduction = _legacy_reduction(size_average, reduce, reduction)
+
+    def forward(self, input: ArrayLike, target: ArrayLike) -> Array:
+        return binary_cross_entropy_with_logits(
+            input, target, self.weight, reduction=self.reduction, pos_weight=self.pos_weight
+        )
+
+
+class KLDivLoss(_Loss):
+    r"""``torch.nn.KLDivLoss``: :func:`kl_div` with options fixed at construction.
+
+    .. math::
+      \ell_i = p_i ig(\log p_i - \log q_iig)
+
+    A JAX pytree with no leaves: ``reduction`` and ``log_target`` are static aux data.
+
+    Args:
+      size_average: deprecated, as in PyTorch (see :func:`kl_div`).
+      reduce: deprecated, as in PyTorch.
+      reduction: ``"none"``, ``"batchmean"``, ``"sum"`` or ``"mean"``.
+      log_target: whether ``target`` holds :math:`\log p`.
+
+    Calling ``criterion(input, target)`` (:math:`\log q`, :math:`p`) returns :func:`kl_div`'s
+    result.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxce import pytorch
+      >>> p = jnp.array([[0.5, 0.5, 0.0], [0.25, 0.25, 0.5]])
+      >>> log_q = jnp.log(jnp.array([[0.25, 0.25, 0.5], [0.5, 0.25, 0.25]]))
+      >>> pytorch.KLDivLoss(reduction="batchmean")(log_q, p)
+      Array(0.4332, dtype=float32)
+    """
+
+    _static = ("reduction", "log_target")
+
+    def __init__(
+        self,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+        log_target: bool = False,
+    ) -> None:
+        self.reduction = _legacy_reduction(size_average, reduce, reduction)
+        self.log_target = log_target
+
+    def forward(self, input: ArrayLike, target: ArrayLike) -> Array:
+        return kl_div(input, target, reduction=self.reduction, log_target=self.log_target)

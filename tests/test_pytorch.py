@@ -564,3 +564,175 @@ def test_vmap_over_unbatched_calls_equals_torch_per_example(rng):
     per_row = np.asarray(jax.vmap(pytorch.cross_entropy)(x, y))
     _close(per_row[[0, 1, 3]], expected[[0, 1, 3]])
     assert np.isnan(per_row[2])  # the mean of one ignored example is NaN, as in PyTorch
+
+
+# --------------------------------------------------------------------------------------------
+# Errors and the contract's bad-input rules
+
+
+def _raises_both(torch_call, jax_call, match):
+    """torch raises RuntimeError; jaxce raises InvalidValueError (a ValueError as well)."""
+    with pytest.raises(RuntimeError):
+        torch_call()
+    with pytest.raises(pytorch.InvalidValueError, match=match) as info:
+        jax_call()
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("probs", "target"),
+    [
+        ([1.5, 0.5], [1.0, 0.0]),
+        ([-0.1, 0.5], [1.0, 0.0]),
+        ([np.nan, 0.5], [1.0, 0.0]),
+        ([0.5, 0.5], [1.5, 0.0]),
+        ([0.5, 0.5], [np.nan, 0.0]),
+    ],
+)
+def test_binary_cross_entropy_values_outside_unit_interval_raise_as_torch(probs, target):
+    p, t = np.array(probs, np.float32), np.array(target, np.float32)
+    _raises_both(
+        lambda: F.binary_cross_entropy(_torch(p), _torch(t)),
+        lambda: pytorch.binary_cross_entropy(jnp.asarray(p), jnp.asarray(t)),
+        r"\[0, 1\]",
+    )
+
+
+def test_label_smoothing_above_one_raises_as_torch(rng):
+    x, t = rng.normal(size=(3, C)).astype(np.float32), np.array([0, 1, 2])
+    _raises_both(
+        lambda: F.cross_entropy(_torch(x), _torch(t, np.int64), label_smoothing=1.5),
+        lambda: pytorch.cross_entropy(x, t, label_smoothing=1.5),
+        "label_smoothing",
+    )
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+def test_class_index_out_of_range_raises_index_error_as_torch(fn, rng):
+    x, t = rng.normal(size=(3, C)).astype(np.float32), np.array([0, C, 1])
+    with pytest.raises(IndexError):
+        getattr(F, fn)(_torch(x), _torch(t, np.int64))
+    with pytest.raises(IndexError, match=str(C)):
+        getattr(pytorch, fn)(x, t)
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss", "binary_cross_entropy", "kl_div"])
+def test_unknown_reduction_raises_value_error_as_torch(fn, rng):
+    x = rng.random((3, C)).astype(np.float32)
+    t = np.array([0, 1, 2]) if fn in ("cross_entropy", "nll_loss") else x
+    with pytest.raises(ValueError):
+        getattr(F, fn)(_torch(x), _torch(t, t.dtype), reduction="avg")
+    with pytest.raises(ValueError, match="reduction"):
+        getattr(pytorch, fn)(x, t, reduction="avg")
+
+
+def _empty_case(fn, shape):
+    """``(input, target)`` with a zero-size batch, for ``fn``."""
+    x = np.zeros(shape, np.float32)
+    if fn in ("cross_entropy", "nll_loss"):
+        return x, np.zeros(shape[:1] + shape[2:], np.int64)
+    return x, np.zeros(shape, np.float32)
+
+
+EMPTY_FNS = [
+    "cross_entropy",
+    "cross_entropy_probs",
+    "nll_loss",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "kl_div",
+]
+
+
+EMPTY_CASES = [
+    (fn, reduction)
+    for fn in EMPTY_FNS
+    for reduction in ("none", "sum", "mean") + (("batchmean",) if fn == "kl_div" else ())
+]
+
+
+@pytest.mark.parametrize(("fn", "reduction"), EMPTY_CASES)
+@pytest.mark.parametrize("shape", [(0, C), (0, C, 3), (2, C, 0)], ids=str)
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
+def test_empty_inputs_give_torchs_values_and_empty_gradients(fn, reduction, shape):
+    name = "cross_entropy" if fn == "cross_entropy_probs" else fn
+    x, t = _empty_case(fn if fn != "cross_entropy_probs" else "kl_div", shape)
+    want = getattr(F, name)(_torch(x), _torch(t), reduction=reduction).numpy()
+    loss = functools.partial(getattr(pytorch, name), reduction=reduction)
+    got, vjp = jax.vjp(lambda v: loss(v, jnp.asarray(t)), jnp.asarray(x))
+    assert got.shape == want.shape
+    _close(got, want)  # "none": empty; "sum": 0; "mean"/"batchmean": NaN, as torch
+    (grad,) = vjp(jnp.ones(got.shape, got.dtype))
+    assert grad.shape == x.shape
+
+
+def _nan_at(x, where):
+    x = np.array(x, np.float32)
+    x[where] = np.nan
+    return x
+
+
+@pytest.mark.parametrize(
+    ("fn", "nan_in"),
+    [
+        ("cross_entropy", "input"),
+        ("cross_entropy_probs", "input"),
+        ("cross_entropy_probs", "target"),
+        ("nll_loss", "input"),
+        ("binary_cross_entropy_with_logits", "input"),
+        ("binary_cross_entropy_with_logits", "target"),
+        ("kl_div", "input"),
+        ("kl_div", "target"),
+    ],
+)
+def test_nan_propagates_as_in_torch(fn, nan_in, rng):
+    name = "cross_entropy" if fn == "cross_entropy_probs" else fn
+    x = rng.normal(size=(3, C)).astype(np.float32)
+    if fn in ("cross_entropy", "nll_loss"):
+        t = np.array([0, 1, 2], np.int64)
+    else:
+        t = rng.random((3, C)).astype(np.float32)
+    if nan_in == "input":
+        x = _nan_at(x, (1, 1))  # row 1: class 1 is its target (nll_loss reads only that)
+    else:
+        t = _nan_at(t, (1, 1))
+    for reduction in ("none", "sum", "mean"):
+        want = getattr(F, name)(_torch(x), _torch(t), reduction=reduction).numpy()
+        got = getattr(pytorch, name)(jnp.asarray(x), jnp.asarray(t), reduction=reduction)
+        assert np.isnan(want).any(), (fn, reduction)  # what torch does, checked here
+        _close(got, want)
+
+
+def test_python_and_numpy_scalars_are_accepted(rng):
+    x = rng.normal(size=(4, C)).astype(np.float32)
+    t = np.array([0, 1, 2, 1])
+    want = F.cross_entropy(
+        _torch(x), _torch(t, np.int64), ignore_index=1, label_smoothing=0.1
+    ).numpy()
+    got = pytorch.cross_entropy(x, t, ignore_index=np.int64(1), label_smoothing=np.float64(0.1))
+    _close(got, want)
+    _close(
+        pytorch.binary_cross_entropy_with_logits(0.3, 1.0, pos_weight=2),
+        F.binary_cross_entropy_with_logits(
+            torch.tensor(0.3), torch.tensor(1.0), pos_weight=torch.tensor(2.0)
+        ).numpy(),
+    )
+    _close(
+        pytorch.binary_cross_entropy(0.3, 1.0, np.float32(0.5)),
+        F.binary_cross_entropy(torch.tensor(0.3), torch.tensor(1.0), torch.tensor(0.5)).numpy(),
+    )
+    _close(pytorch.kl_div(-1.2, 0.25), F.kl_div(torch.tensor(-1.2), torch.tensor(0.25)).numpy())
+
+
+def test_boolean_weights_are_cast(rng):
+    x = rng.normal(size=(4, C)).astype(np.float32)
+    t = np.array([0, 1, 2, 1])
+    mask = np.array([True, False, True, True, False])
+    want = F.cross_entropy(_torch(x), _torch(t, np.int64), weight=_torch(mask, np.float32))
+    _close(pytorch.cross_entropy(x, t, weight=mask), want.numpy())
+    p = 1 / (1 + np.exp(-x))
+    m = rng.random((4, C)) < 0.5
+    _close(
+        pytorch.binary_cross_entropy(p, p > 0.5, weight=m),
+        F.binary_cross_entropy(_torch(p), _torch(p > 0.5, np.float32), weight=_torch(m)).numpy(),
+    )

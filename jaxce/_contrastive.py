@@ -1,0 +1,84 @@
+r"""Contrastive losses: the softmax cross-entropy over similarities of a batch of embeddings."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import checkify
+
+from jaxce import _checks, _reduce
+
+Array = jax.Array
+ArrayLike = jax.typing.ArrayLike
+
+
+def _temperature(temperature, dtype) -> Array:
+    """A concrete ``temperature <= 0`` raises; a traced one is checked where it is used."""
+    if not isinstance(temperature, jax.core.Tracer) and jnp.ndim(temperature) == 0:
+        if not float(temperature) > 0:
+            raise ValueError(f"`temperature` must be > 0, got {float(temperature)}.")
+    temperature = jnp.asarray(temperature, dtype)
+    checkify.debug_check(temperature > 0, "`temperature` must be > 0, got {t}.", t=temperature)
+    return temperature
+
+
+def _unit_rows(x: Array) -> Array:
+    """Rows scaled to unit norm; a norm below ``sqrt(eps)`` is taken as ``sqrt(eps)`` (optax's
+    ``cosine_similarity(epsilon=eps)``, so a zero embedding has similarity 0 to everything)."""
+    squared_norm = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x / jnp.sqrt(jnp.maximum(squared_norm, jnp.finfo(x.dtype).eps))
+
+
+def ntxent(embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLike = 0.07) -> Array:
+    r"""NT-Xent, the normalised temperature-scaled cross-entropy of SimCLR (optax's signature).
+
+    With cosine similarities :math:`s_{ij} = \langle u_i, u_j \rangle / \tau` of the
+    unit-normalised embeddings, positive pairs :math:`P = \{(i, j): i \ne j,\ y_i = y_j\}` and
+    the negatives of :math:`i`, :math:`N(i) = \{k: y_k \ne y_i\}`:
+
+    .. math::
+      \mathcal{L} = \frac{1}{|P|} \sum_{(i, j) \in P}
+          -\log \frac{e^{s_{ij}}}{e^{s_{ij}} + \sum_{k \in N(i)} e^{s_{ik}}}
+
+    each term a softmax cross-entropy of the positive against the anchor's negatives, computed
+    in log space. An anchor without negatives contributes 0 for each of its pairs.
+
+    Args:
+      embeddings: ``(N, D)`` floating embeddings.
+      labels: ``(N,)`` integer group labels: equal labels mark positive pairs, e.g.
+        ``[0, 0, 1, 1]`` for two augmented views each of two images.
+      temperature: :math:`\tau > 0` (a concrete value outside raises ``ValueError``; a
+        traced one gives NaN).
+
+    Returns:
+      A scalar, float32 for half-precision ``embeddings``, else their dtype. With no positive
+      pair (including an empty batch) the mean over no pairs is ``0`` with a zero gradient
+      (jaxce's rule; optax gives NaN).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jaxce
+      >>> embeddings = jnp.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-0.6, 0.8]])
+      >>> round(float(jaxce.ntxent(embeddings, jnp.array([0, 0, 1, 1]), temperature=0.5)), 4)
+      0.4302
+
+    References:
+      T. Chen, S. Kornblith, M. Norouzi and G. Hinton, "A Simple Framework for Contrastive
+      Learning of Visual Representations", ICML 2020.
+    """
+    embeddings = _checks.as_floating(embeddings, "embeddings")
+    labels = _checks.as_integer(labels, "labels")
+    if embeddings.ndim != 2:
+        raise ValueError(f"`embeddings` must have shape (N, D), got {embeddings.shape}.")
+    _checks.same_shape(labels, "labels", embeddings.shape[:1], "one label per embedding")
+    dtype = _reduce.compute_dtype(embeddings.dtype)
+    temperature = _temperature(temperature, dtype)
+    units = _unit_rows(embeddings.astype(dtype))
+    similarity = units @ units.T / temperature
+    same = labels[:, None] == labels[None, :]
+    positive = same & ~jnp.eye(labels.shape[0], dtype=bool)
+    negatives_lse = jax.nn.logsumexp(similarity, axis=1, where=~same, keepdims=True)
+    pair_loss = jnp.logaddexp(similarity, negatives_lse) - similarity
+    total = jnp.sum(jnp.where(positive, pair_loss, jnp.zeros((), dtype)))
+    loss = _reduce.weighted_mean(total, jnp.sum(positive).astype(dtype))
+    return jnp.where(temperature > 0, loss, jnp.full((), jnp.nan, dtype))
