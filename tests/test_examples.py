@@ -35,6 +35,7 @@ def check_outputs(metrics: dict, out: pathlib.Path, name: str) -> None:
     assert saved["last_loss"] == pytest.approx(metrics["last_loss"])
 
 
+@pytest.mark.slow
 def test_classify_digits_smoke(tmp_path):
     example = load_example("classify_digits")
     args = ["--steps", "40", "--batch-size", "64", "--eval-every", "20", "--no-progress"]
@@ -46,6 +47,7 @@ def test_classify_digits_smoke(tmp_path):
     assert again["test_accuracy"] == metrics["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_classify_digits_default_run(tmp_path):
     """The README promises >= 97% held-out accuracy for the default run."""
     metrics = load_example("classify_digits").main(["--no-progress", "--out", str(tmp_path)])
@@ -53,6 +55,7 @@ def test_classify_digits_default_run(tmp_path):
     assert metrics["test_accuracy"] >= 0.97, metrics
 
 
+@pytest.mark.slow
 def test_segment_shapes_smoke(tmp_path):
     example = load_example("segment_shapes")
     metrics = example.main(
@@ -86,6 +89,7 @@ def test_segment_shapes_data():
     assert np.all(np.any(labels == example.IGNORE, axis=(1, 2)))  # every image has a shape
 
 
+@pytest.mark.slow
 def test_distill_smoke(tmp_path):
     example = load_example("distill")
     metrics = example.main(
@@ -98,6 +102,7 @@ def test_distill_smoke(tmp_path):
         assert 0.0 <= metrics[key] <= 1.0
 
 
+@pytest.mark.slow
 def test_tiny_lm_smoke(tmp_path):
     example = load_example("tiny_lm")
     metrics = example.main(
