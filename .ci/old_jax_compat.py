@@ -1,4 +1,4 @@
-"""pytest plugin for the minimum-jax run: the tests spell new-jax names that older jax has elsewhere.
+"""pytest plugin for the oldest-jax run: the tests spell names that older jax has elsewhere.
 
 The library itself needs none of this; only the test files use ``jax.enable_x64`` (a top-level
 name since jax 0.8; ``jax.experimental.enable_x64`` before).
