@@ -40,7 +40,7 @@ from jaxce._softmax import (
 )
 from jaxce._softmax import softmax_focal_loss as softmax_focal_loss
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "binary_cross_entropy",

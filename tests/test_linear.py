@@ -185,6 +185,7 @@ def test_float64_against_numpy_formula(rng):
             np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_leading_axes_tied_embedding_and_transforms(rng):
     bsz, t, d, v = 3, 20, 16, 300
     emb = jnp.asarray(rng.normal(size=(v, d)) / 4, jnp.float32)
@@ -373,6 +374,7 @@ _SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_vocab_parallel_shard_map_matches_unsharded():
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"

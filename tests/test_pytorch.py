@@ -176,6 +176,7 @@ def test_cross_entropy_parity(shape, kind):
         _ce_grid(x, target, rng, weight, label_smoothing, ignore_index)
 
 
+@pytest.mark.slow
 def test_cross_entropy_default_arguments_match_torch(rng):
     x = rng.normal(size=(4, C)).astype(np.float32)
     y = rng.integers(0, C, 4).astype(np.int32)
@@ -408,6 +409,7 @@ def test_binary_cross_entropy_with_logits_parity(shape):
         )
 
 
+@pytest.mark.slow
 def test_binary_losses_defaults_and_none_weights_match_torch(rng):
     p = rng.uniform(0.05, 0.95, (4, C)).astype(np.float32)
     logits = rng.normal(size=(4, C)).astype(np.float32)

@@ -379,6 +379,7 @@ def test_softmax_focal_matches_reference(gamma, alpha):
     )
 
 
+@pytest.mark.slow
 def test_softmax_focal_gamma_zero_is_cross_entropy_and_grads():
     x, y, *_ = data(16)
     np.testing.assert_allclose(
@@ -393,6 +394,7 @@ def test_softmax_focal_gamma_zero_is_cross_entropy_and_grads():
     )
 
 
+@pytest.mark.slow
 def test_softmax_focal_confident_prediction_has_zero_finite_gradient():
     x = jnp.array([[200.0, 0.0, 0.0]])  # p_y rounds to 1 in float32
     for gamma in (0.5, 2.0):
@@ -402,6 +404,7 @@ def test_softmax_focal_confident_prediction_has_zero_finite_gradient():
         assert np.all(np.isfinite(g)) and np.allclose(g, 0)
 
 
+@pytest.mark.slow
 def test_poly_loss_matches_reference_optax_and_grads():
     x, _, t, mask, *_ = data(17)
     lp = log_softmax(x)
@@ -482,6 +485,7 @@ def test_optax_parity_for_shared_names():
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fully_masked_rows_give_zero_like_optax():
     x, y, t, *_ = data(21)
     mask = np.ones_like(x, bool)
@@ -508,6 +512,7 @@ def _torch_ce(x, target, **kw):
     return out.detach().numpy(), xt.grad.numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("smoothing", [0.0, 0.15])
@@ -544,6 +549,7 @@ def test_torch_parity_class_indices(reduction, weighted, smoothing):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("smoothing", [0.0, 0.15])
@@ -590,6 +596,7 @@ def test_torch_parity_nll_loss(reduction):
 
 
 # ----------------------------------------------------------------------------- reductions
+@pytest.mark.slow
 def test_sum_and_weight_parts_combine_exactly_across_micro_batches():
     x, y, _, _, cw, sw = data(25, n=8)
     y[[1, 5]] = -1
@@ -611,6 +618,7 @@ def test_sum_and_weight_parts_combine_exactly_across_micro_batches():
     np.testing.assert_allclose(jaxce.weighted_mean(total, weight), full, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_sum_and_weight_with_psum_over_devices_axis():
     x, y, *_ = data(26, n=8)
     y[2] = -100
@@ -628,6 +636,7 @@ def test_sum_and_weight_with_psum_over_devices_axis():
     np.testing.assert_allclose(out, np.full(4, full), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_all_ignored_mean_is_zero_with_zero_gradient():
     x, y, *_ = data(27)
     y[:] = -100
@@ -639,6 +648,7 @@ def test_all_ignored_mean_is_zero_with_zero_gradient():
     assert np.all(np.asarray(g) == 0)
 
 
+@pytest.mark.slow
 def test_zero_sample_weight_masks_an_infinite_loss_exactly():
     x = jnp.array([[0.0, -jnp.inf, 1.0], [0.5, 0.2, 0.1]])
     y = jnp.array([1, 0])  # the first label sits on a -inf logit: its loss is +inf
@@ -683,6 +693,7 @@ _FAMILY = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(_FAMILY))
 def test_every_member_under_jit_vmap_and_checkpoint(name):
     f = _FAMILY[name]
@@ -703,6 +714,7 @@ def test_every_member_under_jit_vmap_and_checkpoint(name):
         np.testing.assert_allclose(got, eager, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_weighted_mean_reference_and_grads():
     total = np.array([3.0, -1.5, 0.0, 2.0])
     weight = np.array([2.0, 0.5, 0.0, 4.0])
@@ -716,6 +728,7 @@ def test_weighted_mean_reference_and_grads():
 
 
 # ----------------------------------------------------------------------------- numerics
+@pytest.mark.slow
 def test_neg_inf_logits_with_zero_target_mass_are_finite_to_second_order():
     x = jnp.array([[0.5, -jnp.inf, 1.0, -jnp.inf], [2.0, 1.0, -jnp.inf, 0.0]])
     y = jnp.array([0, 3])

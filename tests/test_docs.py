@@ -1,0 +1,93 @@
+"""The documentation lists every public name, names only real ones, and its code runs."""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+import re
+
+import pytest
+
+import jaxce
+
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
+API_PAGES = sorted((DOCS / "api").glob("*.rst"))
+
+
+def documented_names() -> dict[str, set[str]]:
+    """``{module: names}`` from the ``autosummary`` blocks of the API pages.
+
+    A name belongs to the module of the ``currentmodule`` directive above its block; a module
+    documented with ``automodule`` counts as documented itself.
+    """
+    names: dict[str, set[str]] = {}
+    for page in API_PAGES:
+        module = "jaxce"
+        in_block = False
+        for line in page.read_text().splitlines():
+            directive = re.match(r"\.\. (currentmodule|module|automodule):: (\S+)", line)
+            if directive:
+                kind, target = directive.groups()
+                if kind == "automodule":
+                    parent, _, child = target.rpartition(".")
+                    names.setdefault(parent, set()).add(child)
+                else:
+                    module = target
+                in_block = False
+            elif line.startswith(".. autosummary::"):
+                in_block = True
+            elif in_block and re.match(r"   [A-Za-z_]\w*$", line):
+                names.setdefault(module, set()).add(line.strip())
+            elif in_block and line and not line.startswith(" "):
+                in_block = False
+    return names
+
+
+def public_modules():
+    modules = [jaxce, jaxce.pytorch]
+    try:
+        modules.append(importlib.import_module("jaxce.sklearn"))
+    except ImportError:
+        pass
+    return modules
+
+
+@pytest.mark.parametrize("module", public_modules(), ids=lambda m: m.__name__)
+def test_every_public_name_is_on_an_api_page(module):
+    listed = documented_names().get(module.__name__, set())
+    missing = sorted(set(module.__all__) - listed)
+    assert not missing, f"{module.__name__} names missing from docs/api/*.rst: {missing}"
+
+
+def test_api_pages_name_only_public_names():
+    for module_name, names in documented_names().items():
+        module = importlib.import_module(module_name)
+        unknown = sorted(n for n in names if n not in getattr(module, "__all__", ()))
+        assert not unknown, f"docs/api lists names {module_name} does not export: {unknown}"
+
+
+def test_every_api_page_is_in_the_api_toctree():
+    index = (DOCS / "api" / "index.rst").read_text()
+    for page in API_PAGES:
+        if page.stem != "index":
+            assert re.search(rf"^   {page.stem}$", index, re.M), page.name
+
+
+GUIDES = ["getting_started", "conventions", "pytorch_migration", "large_vocabulary"]
+_CODE = re.compile(r"^\.\. code-block:: python\n\n((?:   .*\n|\n)+)", re.M)
+
+
+def code_blocks(page: str) -> list[str]:
+    blocks = _CODE.findall((DOCS / f"{page}.rst").read_text())
+    return ["\n".join(line[3:] for line in block.splitlines()) for block in blocks]
+
+
+@pytest.mark.parametrize("page", GUIDES)
+def test_guide_code_runs_in_order(page):
+    namespace = {"__name__": f"__docs_{page}__"}
+    for i, block in enumerate(code_blocks(page)):
+        exec(compile(block, f"docs/{page}.rst python block {i}", "exec"), namespace)
+
+
+def test_guides_have_code():
+    assert all(code_blocks(page) for page in GUIDES if page != "conventions")
