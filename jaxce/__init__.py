@@ -15,7 +15,9 @@ from jaxce._contrastive import ntxent as ntxent
 from jaxce._ctc import ctc_loss as ctc_loss
 from jaxce._ctc import ctc_loss_with_forward_probs as ctc_loss_with_forward_probs
 from jaxce._divergence import binary_entropy as binary_entropy
+from jaxce._divergence import convex_kl_divergence as convex_kl_divergence
 from jaxce._divergence import entropy as entropy
+from jaxce._divergence import generalized_kl_divergence as generalized_kl_divergence
 from jaxce._divergence import js_divergence as js_divergence
 from jaxce._divergence import kl_divergence as kl_divergence
 from jaxce._divergence import (
@@ -27,12 +29,10 @@ from jaxce._linear_distill import linear_js_divergence as linear_js_divergence
 from jaxce._linear_distill import (
     linear_softmax_kl_divergence as linear_softmax_kl_divergence,
 )
-from jaxce._optax_extra import convex_kl_divergence as convex_kl_divergence
-from jaxce._optax_extra import generalized_kl_divergence as generalized_kl_divergence
-from jaxce._optax_extra import safe_softmax_cross_entropy as safe_softmax_cross_entropy
 from jaxce._reduce import weighted_mean as weighted_mean
 from jaxce._softmax import nll_loss as nll_loss
 from jaxce._softmax import poly_loss_cross_entropy as poly_loss_cross_entropy
+from jaxce._softmax import safe_softmax_cross_entropy as safe_softmax_cross_entropy
 from jaxce._softmax import smooth_labels as smooth_labels
 from jaxce._softmax import softmax_cross_entropy as softmax_cross_entropy
 from jaxce._softmax import (

@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import checkify
 
-from jaxce import _checks, _reduce
+from jaxce import _api, _checks, _reduce
+from jaxce._checks import POSITIVE
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
-
-
-def _temperature(temperature, dtype) -> Array:
-    """A concrete ``temperature <= 0`` raises; a traced one is checked where it is used."""
-    if not isinstance(temperature, jax.core.Tracer) and jnp.ndim(temperature) == 0:
-        if not float(temperature) > 0:
-            raise ValueError(f"`temperature` must be > 0, got {float(temperature)}.")
-    temperature = jnp.asarray(temperature, dtype)
-    checkify.debug_check(temperature > 0, "`temperature` must be > 0, got {t}.", t=temperature)
-    return temperature
 
 
 def _unit_rows(x: Array) -> Array:
@@ -29,6 +19,7 @@ def _unit_rows(x: Array) -> Array:
     return x / jnp.sqrt(jnp.maximum(squared_norm, jnp.finfo(x.dtype).eps))
 
 
+@_api.public(domains={"temperature": POSITIVE})
 def ntxent(embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLike = 0.07) -> Array:
     r"""NT-Xent, the normalised temperature-scaled cross-entropy of SimCLR (optax's signature).
 
@@ -72,7 +63,7 @@ def ntxent(embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLike = 0.
         raise ValueError(f"`embeddings` must have shape (N, D), got {embeddings.shape}.")
     _checks.same_shape(labels, "labels", embeddings.shape[:1], "one label per embedding")
     dtype = _reduce.compute_dtype(embeddings.dtype)
-    temperature = _temperature(temperature, dtype)
+    temperature, bad = _checks.hyperparameter(temperature, "temperature", dtype, POSITIVE)
     units = _unit_rows(embeddings.astype(dtype))
     similarity = units @ units.T / temperature
     same = labels[:, None] == labels[None, :]
@@ -81,4 +72,4 @@ def ntxent(embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLike = 0.
     pair_loss = jnp.logaddexp(similarity, negatives_lse) - similarity
     total = jnp.sum(jnp.where(positive, pair_loss, jnp.zeros((), dtype)))
     loss = _reduce.weighted_mean(total, jnp.sum(positive).astype(dtype))
-    return jnp.where(temperature > 0, loss, jnp.full((), jnp.nan, dtype))
+    return jnp.where(bad, jnp.full((), jnp.nan, dtype), loss)

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import checkify
 
-from jaxce import _checks, _reduce
+from jaxce import _api, _checks, _reduce
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -50,6 +49,7 @@ def _validate(logits, logit_paddings, labels, label_paddings):
     return logits, logit_paddings, labels, label_paddings
 
 
+@_api.public(static=("blank_id",))
 def ctc_loss_with_forward_probs(
     logits: ArrayLike,
     logit_paddings: ArrayLike,
@@ -118,7 +118,7 @@ def ctc_loss_with_forward_probs(
     padded_label = label_paddings.astype(bool)
     bad = jnp.any(~valid & ~padded_label, axis=1)
     if labels.size:
-        checkify.debug_check(
+        _checks.value_check(
             ~jnp.any(bad),
             f"invalid CTC label {{label}}: non-padded labels must lie in [0, {classes}).",
             label=jnp.where(valid | padded_label, 0, labels).reshape(-1)[
@@ -171,6 +171,7 @@ def ctc_loss_with_forward_probs(
     return loss, ready_t, emitting_t
 
 
+@_api.public(static=("blank_id",))
 def ctc_loss(
     logits: ArrayLike,
     logit_paddings: ArrayLike,

@@ -9,10 +9,13 @@ gradient while a NaN still gives NaN.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from typing import Literal, TypeAlias, overload
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxce import _api, _checks, _logits, _numerics, _reduce
 from jaxce._checks import POSITIVE, UNIT_INTERVAL, Reduction
@@ -406,6 +409,9 @@ def softmax_kl_divergence(
     mask = student.class_mask
     log_p = _logits.log_softmax(teacher, mask, t)
     p = jnp.exp(log_p)
+    # Where p underflows to 0 its derivative is 0 to working precision, but the cotangent of
+    # -log q can overflow there (logits near the dtype's limit): 0 * inf would be NaN.
+    p = jnp.where(p == 0, jax.lax.stop_gradient(p), p)
     on_support = _numerics.support(p, mask)
     s = student.values / t
     m, log_s = _logits.log_normalizer(s, mask)
@@ -510,3 +516,109 @@ def js_divergence(
         wp, log_p, log_m, _numerics.support(wp, mask)
     ) + _numerics.weighted_log_ratio(wq, log_q, log_m, _numerics.support(wq, mask))
     return _reduce.weigh_and_reduce(js, weights, reduction)
+
+
+def _broadcast_pair(a: Array, b: Array, names: tuple[str, str]) -> tuple[Array, Array]:
+    try:
+        shape = np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise ValueError(
+            f"`{names[0]}` {a.shape} and `{names[1]}` {b.shape} do not broadcast together."
+        ) from None
+    return jnp.broadcast_to(a, shape), jnp.broadcast_to(b, shape)
+
+
+@_api.public(static=("axis",))
+def generalized_kl_divergence(
+    log_predictions: ArrayLike,
+    targets: ArrayLike,
+    axis: int | Sequence[int] | None = -1,
+    where: ArrayLike | None = None,
+) -> Array:
+    r"""Generalised Kullback-Leibler divergence of unnormalised measures (optax's signature).
+
+    The Bregman divergence of :math:`f(p) = p \log p - p`, so it is defined for positive
+    measures that need not sum to 1; for probability vectors it is :math:`KL(p \| q)`:
+
+    .. math::
+      D(p \| q) = \sum_c \Big(p_c \log \frac{p_c}{q_c} - p_c + q_c\Big),
+      \qquad q = \exp(\text{log\_predictions}),\ 0 \log 0 = 0
+
+    Args:
+      log_predictions: :math:`\log q`, floating, any shape.
+      targets: :math:`p \ge 0`, broadcastable with ``log_predictions``.
+      axis: the axis or axes summed over (``None``: all), as in optax.
+      where: optional boolean mask broadcastable to the inputs: only its ``True`` elements are
+        summed (optax's ``jnp.sum(where=)``).
+
+    Returns:
+      The divergence with ``axis`` reduced away; float32 for half-precision inputs, else the
+      inputs' dtype.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jaxce
+      >>> p = jnp.array([0.2, 0.3, 0.5])
+      >>> round(float(jaxce.generalized_kl_divergence(jnp.log(jnp.array([0.4, 0.4, 0.4])), p)), 4)
+      0.0866
+
+    References:
+      L. M. Bregman, "The relaxation method of finding the common point of convex sets and
+      its application to the solution of problems in convex programming", 1967. S. Boyd and
+      L. Vandenberghe, *Convex Optimization*, 2004, p. 90.
+    """
+    log_predictions = _checks.as_floating(log_predictions, "log_predictions")
+    targets = _checks.as_floating(targets, "targets")
+    dtype = _reduce.compute_dtype(log_predictions.dtype, targets.dtype)
+    log_q, p = _broadcast_pair(
+        log_predictions.astype(dtype), targets.astype(dtype), ("log_predictions", "targets")
+    )
+    log_p = jnp.log(jnp.where(p == 0, jnp.ones((), dtype), p))  # 0 log 0 = 0, safe gradient
+    pointwise = _numerics.times_log(p, log_p) - _numerics.times_log(p, log_q) - p + jnp.exp(log_q)
+    if where is not None:
+        where = _checks.as_mask(where, "where")
+        where = _checks.broadcastable(where, "where", pointwise.shape, "a mask of the inputs")
+        pointwise = jnp.where(where, pointwise, jnp.zeros((), dtype))
+    return jnp.sum(pointwise, axis=None if axis is None else _axes(axis, pointwise.ndim))
+
+
+def _axes(axis, ndim: int) -> tuple[int, ...]:
+    return _checks.class_axes(axis, ndim, "log_predictions")
+
+
+def convex_kl_divergence(
+    log_predictions: ArrayLike,
+    targets: ArrayLike,
+    axis: int | Sequence[int] | None = -1,
+    where: ArrayLike | None = None,
+) -> Array:
+    r"""Deprecated alias of :func:`generalized_kl_divergence`, warning as optax does.
+
+    .. math::
+      D(p \| q) = \sum_c \Big(p_c \log \frac{p_c}{q_c} - p_c + q_c\Big)
+
+    Args:
+      log_predictions: :math:`\log q`.
+      targets: :math:`p`.
+      axis: the axis or axes summed over.
+      where: optional boolean mask of the elements summed.
+
+    Returns:
+      :func:`generalized_kl_divergence`'s result; a ``DeprecationWarning`` is emitted.
+
+    Examples:
+      >>> import warnings, jax.numpy as jnp
+      >>> import jaxce
+      >>> with warnings.catch_warnings(record=True) as caught:
+      ...     warnings.simplefilter("always")
+      ...     _ = jaxce.convex_kl_divergence(jnp.zeros(3), jnp.ones(3))
+      >>> caught[0].category.__name__
+      'DeprecationWarning'
+    """
+    warnings.warn(
+        "`convex_kl_divergence` is deprecated (as in optax); use generalized_kl_divergence "
+        "instead.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return generalized_kl_divergence(log_predictions, targets, axis=axis, where=where)

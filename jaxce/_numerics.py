@@ -84,9 +84,10 @@ def neg_log_softmax_at(coef: Array, x: Array, m: Array, log_s: Array) -> Array:
 
     :math:`-\log p = \log s + (m - x)`, and :math:`m - x \ge 0` can overflow for logits of
     opposite signs near the dtype's limit, so it enters as :math:`2 \cdot c\,(m/2 - x/2)`.
-    A zero ``coef`` gives exactly 0, also at ``x = -inf``.
+    A zero ``coef`` gives exactly 0, also at ``x = -inf`` (where only then the gap is
+    replaced, so the derivative with respect to a zero ``coef`` is still ``-log p``).
     """
-    gap = jnp.where(coef == 0, _zero(x), m / 2 - x / 2)
+    gap = jnp.where((coef == 0) & (x == -jnp.inf), _zero(x), m / 2 - x / 2)
     return coef * log_s + 2 * (coef * gap)
 
 
@@ -95,11 +96,24 @@ def neg_log_softmax_sum(
 ) -> Array:
     r"""``sum_c coef_c (-log p_c)`` over the last axis of ``(..., C)`` arrays, without overflow.
 
-    As :func:`neg_log_softmax_at` per class; classes off the support (``coef == 0`` or masked)
-    contribute exactly 0 to the value and every derivative.
+    As :func:`neg_log_softmax_at` per class: a zero ``coef`` on a ``-inf`` logit, and a masked
+    class, contribute exactly 0 to the value and every derivative; a zero ``coef`` on a finite
+    logit keeps its derivative ``-log p_c`` (the gradient with respect to soft targets).
     """
-    live = support(coef, class_mask)
+    live = ~((coef == 0) & (x == -jnp.inf))
+    if class_mask is not None:
+        live = live & class_mask
     zero = _zero(x)
     gap = jnp.where(live, m[..., None] / 2 - x / 2, zero)
     coef = jnp.where(live, coef, zero)
     return jnp.sum(coef, axis=-1) * log_s + 2 * jnp.sum(coef * gap, axis=-1)
+
+
+def times_log(weights: Array, log_values: Array) -> Array:
+    """``weights * log_values`` with ``0 * (-inf) = 0``, NaN-free gradients there.
+
+    Only the ``0 * -inf`` case is replaced (before multiplying, so no NaN reaches either
+    gradient); a NaN in either argument stays NaN.
+    """
+    dead = (weights == 0) & jnp.isneginf(log_values)
+    return weights * jnp.where(dead, jnp.zeros((), log_values.dtype), log_values)

@@ -638,3 +638,40 @@ def softmax_focal_loss(
             coef = coef * (a if a.ndim == 0 else _reduce.along_classes(a, coef))
         loss = _numerics.neg_log_softmax_sum(coef, prepared.values, m, log_s, prepared.class_mask)
     return _reduce.weigh_and_reduce(loss, weights, reduction)
+
+
+@_api.public()
+def safe_softmax_cross_entropy(logits: ArrayLike, labels: ArrayLike) -> Array:
+    r"""Softmax cross-entropy that treats ``0 * log 0`` as ``0`` (optax's name, optax's signature).
+
+    .. math::
+      \ell = -\sum_c y_c \log \operatorname{softmax}(x)_c,
+      \qquad 0 \cdot \log 0 = 0
+
+    so a class with logit :math:`-\infty` and label :math:`0` contributes :math:`0` to the loss
+    and to the gradients (never NaN). Every jaxce cross-entropy already does this; the name
+    exists so that optax code ports unchanged. A row of logits that are all :math:`-\infty` is
+    NaN (no class has probability), and a positive label on a :math:`-\infty` logit gives
+    :math:`+\infty`, as the mathematics says. The gradient with respect to a zero label on a
+    :math:`-\infty` logit is 0 here, as in jaxce's other cross-entropies (optax gives
+    :math:`+\infty`); every other gradient is optax's.
+
+    Args:
+      logits: unnormalised log-probabilities ``(..., C)``, floating.
+      labels: probabilities broadcastable to ``logits``.
+
+    Returns:
+      The per-example loss, shape ``(...)`` (the broadcast shape without the class axis);
+      float32 for half-precision inputs, else the inputs' dtype.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jaxce
+      >>> logits = jnp.array([[10.0, 1.0, -2.0], [-jnp.inf, 0.0, 0.0]])
+      >>> jaxce.safe_softmax_cross_entropy(logits, jnp.array([[0.0, 1.0, 0.0], [0.0, 0.5, 0.5]]))
+      Array([9.0001, 0.6931], dtype=float32)
+
+    References:
+      optax, ``optax.losses.safe_softmax_cross_entropy``.
+    """
+    return softmax_cross_entropy(logits, labels)

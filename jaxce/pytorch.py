@@ -134,9 +134,10 @@ def _class_layout(input: Array) -> tuple[int, tuple[int, ...]]:
         raise ValueError(
             "`input` must have shape (C), (N, C) or (N, C, d1, ..., dK); got a scalar."
         )
-    if input.ndim == 1:
-        return 0, ()
-    return 1, input.shape[:1] + input.shape[2:]
+    axis = 0 if input.ndim == 1 else 1
+    if input.shape[axis] == 0:
+        raise ValueError(f"`input` has shape {input.shape}: its class axis {axis} is empty.")
+    return axis, input.shape[:1] + input.shape[2:] if axis else ()
 
 
 def _class_indices(target: Array, input: Array, num_classes: int, ignore_index: int) -> Array:
