@@ -42,10 +42,14 @@ ArrayLike = jax.typing.ArrayLike
 
 _NO_FORWARD_MODE = (
     "jaxce.linear_softmax_cross_entropy supports reverse-mode differentiation only "
-    "(jax.grad, jax.vjp, jax.value_and_grad, and second order through them); for jax.jvp, "
-    "jax.jacfwd or jax.linearize use the materialised "
+    "(jax.grad, jax.vjp, jax.value_and_grad, and second order through them); for jax.jvp "
+    "or jax.jacfwd use the materialised "
     "jaxce.softmax_cross_entropy_with_integer_labels(hidden @ weight + bias, labels, ...)."
 )
+
+
+# Smallest automatic token tile for which the gradient-in-forward path is taken.
+_FAST_MIN_ROWS = 256
 
 
 class LinearCrossEntropyAux(NamedTuple):
@@ -538,14 +542,21 @@ def linear_softmax_cross_entropy(
     online log-sum-exp, and a backward scan that recomputes each chunk's logits, writes that
     chunk's block of ``dweight`` and accumulates ``dhidden`` in float32 (four matmuls).
     Scalar reductions (``"sum"``, ``"mean"``, ``"sum_and_weight"``) take the
-    *gradient-in-forward* path when differentiated: one scan over tiles of about
-    ``chunk_size * tokens / V`` tokens against the whole vocabulary computes the loss and
-    ``dhidden``, ``dweight``, ``dbias`` together (three matmuls, like the materialised loss),
-    and the backward scales them by the incoming cotangent. Plain evaluation (no gradient)
-    runs the cheap forward scan either way. Memory beyond inputs and outputs: one
-    ``(tokens, chunk)`` float32 tile and a few of its elementwise temporaries plus the
-    float32 ``dhidden`` (recompute), or one ``chunk * tokens``-element tile plus one float32
-    ``dweight``-sized accumulator (gradient in forward): the ``(tokens, V)`` logits never exist.
+    *gradient-in-forward* path when differentiated: one scan over token tiles, each against
+    the whole (local) vocabulary, computes the loss and ``dhidden``, ``dweight``, ``dbias``
+    together (three matmuls, like the materialised loss), and the backward only scales them
+    by the incoming cotangent. A token tile has about ``2**23`` elements (at least 128
+    tokens), or ``chunk_size * tokens`` elements when ``chunk_size`` is given. With
+    ``chunk_size=None`` this path is taken when a tile holds at least 256 tokens or all of
+    them (e.g. ``V <= 32768``); past that, re-reading the weight and the ``dweight``
+    accumulator for every small tile costs more than the matmul it saves, and the recompute
+    path runs instead. Plain
+    evaluation (no gradient) runs the cheap forward scan either way. Memory beyond inputs and
+    outputs: one tile and a few of its elementwise temporaries, plus the float32 ``dhidden``
+    (recompute) or one float32 ``dweight``-sized accumulator (gradient in forward); the
+    ``(tokens, V)`` logits never exist. Measured on a 2-core CPU at ``N=4096, D=1024,
+    V=32768`` float32 (``benchmarks/README.md``): see there for time and memory against the
+    materialised loss.
 
     Half-precision ``hidden``/``weight`` stay half precision as matmul operands, with float32
     accumulation (``preferred_element_type``); the log-sum-exp and the logits' gradient are
@@ -555,12 +566,14 @@ def linear_softmax_cross_entropy(
     **Transformations.** Supported: ``jax.grad``, ``jax.value_and_grad``, ``jax.vjp`` (with
     respect to ``hidden``, ``weight``, ``bias``, ``class_weights``, ``sample_weights`` and
     traced ``label_smoothing``/``z_loss``), ``jax.jit``, ``jax.vmap``, ``jax.checkpoint``,
-    ``shard_map``, and second order in reverse mode (grad of grad, ``jax.hessian``), which
-    differentiates through the first-order rules and so holds their per-tile residuals (use
-    it at small sizes). Not supported: forward mode (``jax.jvp``, ``jax.jacfwd``,
-    ``jax.linearize``); it raises a ``TypeError`` that says so, eagerly (outside ``jit``)
-    with this advice: differentiate :func:`softmax_cross_entropy_with_integer_labels` of the
-    materialised logits instead.
+    ``shard_map``, and second order in reverse mode (grad of grad, Hessian-vector products,
+    ``jax.hessian``), which differentiates through the first-order rules and so holds their
+    per-tile residuals (use it at small sizes). Not supported: forward mode (``jax.jvp``,
+    ``jax.jacfwd``, evaluating ``jax.linearize``'s linear function). Called directly, ``jax.jvp``
+    and ``jax.jacfwd`` raise a ``TypeError`` that names this function and the alternative,
+    :func:`softmax_cross_entropy_with_integer_labels` of the materialised logits; through
+    ``jax.jit`` (or ``jax.linearize``) JAX raises its own ``TypeError`` about forward-mode
+    autodiff of a ``custom_vjp``.
 
     **Vocab-parallel.** With ``axis_name``, call it inside ``jax.shard_map`` with ``weight``
     (and ``bias``, ``class_weights``) sharded over the vocabulary along that mesh axis and
@@ -812,8 +825,12 @@ def _linear_softmax_cross_entropy(
     alpha, beta, gamma = _coefficients(eps, label_weight, weight_sum, vocab_size, num_tokens, acc)
     poison = _poison(eps_poison, lam_poison)
 
+    # The gradient-in-forward path re-reads the whole weight and the dW accumulator once per
+    # token tile; with small tiles (a large vocabulary) that costs more than the matmul it
+    # saves (measured on CPU, benchmarks/README.md), so the automatic choice wants few tiles.
+    few_tiles = rows >= _FAST_MIN_ROWS or rows == num_tokens
     scalar = reduction != "none" and num_tokens > 0
-    if scalar:
+    if scalar and (chunk_size is not None or few_tiles):
         return _fused_scalar(
             cfg, x, weight, bias, class_weights, y, offset, info, alpha, beta, gamma, lam,
             poison, reduction, batch, return_aux,
