@@ -1,16 +1,28 @@
-"""Fused ``linear_softmax_cross_entropy`` against the materialised optax loss (not a test).
+"""Fused ``linear_softmax_cross_entropy`` against the materialised optax loss and torch's
+``F.linear_cross_entropy`` (not a test).
 
-For each shape, prints forward+backward wall time (``jax.jit(jax.value_and_grad(...))``,
-gradients w.r.t. hidden and weight, best of ``--reps`` after a warm-up) and the compiled
-temporary memory (``memory_analysis().temp_size_in_bytes``), and the fused/optax ratios.
+For each shape, forward+backward wall time of the mean loss with gradients w.r.t. hidden and
+weight, median of ``--reps`` runs interleaved across the methods after a warm-up each, and the
+compiled temporaries of the JAX ones (``memory_analysis().temp_size_in_bytes``). Ratios are
+against optax measured in the same run. Methods:
 
-    python benchmarks/linear_ce.py [--reps 2] [--dtype float32]
+* ``optax``: ``jax.jit(jax.value_and_grad(lambda h, W: optax.softmax_cross_entropy_with_
+  integer_labels(h @ W, y).mean()))``, the materialised logits;
+* ``fused``: ``reduction="mean"``, the gradient-in-forward path (token tiles);
+* ``recompute``: ``jnp.mean(reduction="none")``, the recompute path (vocabulary tiles,
+  logits recomputed in the backward pass): the other loop order, same result;
+* ``torch``: ``F.linear_cross_entropy(h, W.T, y)`` then ``.backward()``, eager, if installed.
+
+    python benchmarks/linear_ce.py [--reps 3] [--dtype float32]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import platform
+import subprocess
 import time
 
 import jax
@@ -23,53 +35,102 @@ import jaxce
 SHAPES = [(4096, 1024, 32768), (1024, 1024, 131072)]
 
 
-def fused_loss(h, w, y):
-    return jaxce.linear_softmax_cross_entropy(h, w, y, reduction="mean")
-
-
 def optax_loss(h, w, y):
     logits = jnp.dot(h, w, preferred_element_type=jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def measure(loss, args, reps):
+def fused_loss(h, w, y):
+    return jaxce.linear_softmax_cross_entropy(h, w, y, reduction="mean")
+
+
+def recompute_loss(h, w, y):
+    return jnp.mean(jaxce.linear_softmax_cross_entropy(h, w, y, reduction="none"))
+
+
+def jax_step(loss, args):
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     temp = step.lower(*args).compile().memory_analysis().temp_size_in_bytes
-    jax.block_until_ready(step(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(step(*args))
-        times.append(time.perf_counter() - start)
-    return min(times), temp
+    return (lambda: jax.block_until_ready(step(*args))), temp
+
+
+def torch_step(h, w, y):
+    try:
+        import torch
+    except ImportError:
+        return None
+    functional = torch.nn.functional
+    if not hasattr(functional, "linear_cross_entropy"):
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    th = torch.tensor(np.asarray(h, np.float32), requires_grad=True)
+    tw = torch.tensor(np.asarray(w, np.float32).T.copy(), requires_grad=True)  # (V, D)
+    ty = torch.tensor(np.asarray(y), dtype=torch.int64)
+
+    def run():
+        th.grad = tw.grad = None
+        functional.linear_cross_entropy(th, tw, ty).backward()
+
+    return run
+
+
+def machine() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next(
+            (line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line),
+            platform.processor(),
+        )
+    except OSError:
+        model = platform.processor()
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
     opts = parser.parse_args()
     dtype = jnp.dtype(opts.dtype)
     print(
-        f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {platform.processor() or ''}"
-        f" dtype={dtype.name}, best of {opts.reps} after a warm-up"
-    )
-    print(
-        f"{'N':>6} {'D':>5} {'V':>7} | {'optax s':>8} {'fused s':>8} {'time x':>7} | "
-        f"{'optax MiB':>9} {'fused MiB':>9} {'mem x':>7}"
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, jax {jax.__version__}, "
+        f"{jax.devices()[0].device_kind}, {machine()}, dtype={dtype.name}, median of "
+        f"{opts.reps} interleaved after a warm-up, load average {os.getloadavg()}"
     )
     rng = np.random.default_rng(0)
     for n, d, v in SHAPES:
         h = jnp.asarray(rng.normal(size=(n, d)), dtype)
         w = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d), dtype)
         y = jnp.asarray(rng.integers(0, v, size=n), jnp.int32)
-        t_ref, m_ref = measure(optax_loss, (h, w, y), opts.reps)
-        t_new, m_new = measure(fused_loss, (h, w, y), opts.reps)
-        print(
-            f"{n:>6} {d:>5} {v:>7} | {t_ref:8.2f} {t_new:8.2f} {t_new / t_ref:7.2f} | "
-            f"{m_ref / 2**20:9.1f} {m_new / 2**20:9.1f} {m_new / m_ref:7.4f}",
-            flush=True,
-        )
+        steps, temps = {}, {}
+        for name, loss in (
+            ("optax", optax_loss),
+            ("fused", fused_loss),
+            ("recompute", recompute_loss),
+        ):
+            steps[name], temps[name] = jax_step(loss, (h, w, y))
+        torch_run = torch_step(h, w, y) if dtype == jnp.float32 else None
+        if torch_run is not None:
+            steps["torch"] = torch_run
+        for run in steps.values():
+            run()  # warm-up (compiles)
+        times = {name: [] for name in steps}
+        for _ in range(opts.reps):
+            for name, run in steps.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+        ref = float(np.median(times["optax"]))
+        print(f"N={n} D={d} V={v}  load average {os.getloadavg()}")
+        for name, ts in times.items():
+            med = float(np.median(ts))
+            if name in temps:
+                mem = f"{temps[name] / 2**20:9.1f} MiB ({temps[name] / temps['optax']:.3f})"
+            else:
+                mem = "not measured"
+            runs = " ".join(f"{t:.2f}" for t in ts)
+            print(f"  {name:>9}: {med:7.2f} s ({med / ref:.2f}x optax) [{runs}]  temp {mem}")
+        print(flush=True)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from jaxce._divergence import (
     kl_divergence_with_log_targets as kl_divergence_with_log_targets,
 )
 from jaxce._divergence import softmax_kl_divergence as softmax_kl_divergence
+from jaxce._linear import LinearCrossEntropyAux as LinearCrossEntropyAux
 from jaxce._linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from jaxce._linear_distill import linear_js_divergence as linear_js_divergence
 from jaxce._linear_distill import (
@@ -43,6 +44,7 @@ from jaxce._softmax import softmax_focal_loss as softmax_focal_loss
 __version__ = "0.2.0"
 
 __all__ = [
+    "LinearCrossEntropyAux",
     "binary_cross_entropy",
     "binary_entropy",
     "convex_kl_divergence",

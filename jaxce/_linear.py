@@ -1,18 +1,26 @@
 """Fused linear + softmax cross-entropy for large vocabularies (never materialises the logits).
 
-Design (see ``linear_softmax_cross_entropy``):
+Two differentiable cores, both ``jax.custom_vjp``, both built on the per-token sufficient
+statistics of the logits ``z = cap(x @ w + b)``: the log-normaliser ``lse``, the label's logit
+``z_y`` and the (class-weighted) logit sum ``S = sum_c u_c z_c`` (only for label smoothing).
+Every loss term is a per-token combination ``alpha lse + beta z_y + gamma S + zeta lse**2``.
 
-* One differentiable core, ``_stats``, returns per-token sufficient statistics in float32:
-  ``lse`` (log-normaliser), ``z_y`` (the label's logit) and ``S`` (the sum of the logits, only
-  when label smoothing needs it). It is a ``jax.custom_vjp`` whose forward is a ``lax.scan``
-  over vocabulary chunks with an online log-sum-exp, and whose backward recomputes each
-  chunk's logits, writes that chunk's ``dW`` block (one GEMM over all tokens, so no
-  cross-chunk accumulation) into its place and accumulates ``dX`` in float32.
-* Everything else (smoothing, z-loss, ignore_index, weights, reductions, NaN on bad labels)
-  is plain JAX on ``(N,)`` vectors plus the shared ``_reduce`` mechanism, so its derivatives
-  are automatic and any cotangent of the statistics is honoured.
-* Vocab-parallel (``axis_name``): each device computes the statistics of its vocabulary shard
-  and they are combined with ``psum`` (the log-sum-exp shifted by a constant ``pmax``).
+* ``_stats`` (the *recompute* path) returns the statistics themselves, so any cotangent of
+  them is honoured (``reduction="none"``, a differentiated ``aux.lse``). Its forward is a
+  ``lax.scan`` over vocabulary chunks with an online log-sum-exp; its backward recomputes each
+  chunk's logits, writes that chunk's ``dW`` block in place and accumulates ``dX``: four
+  ``(N, D, V)`` matmuls in all.
+* ``_total`` (the *gradient-in-forward* path) returns the scalar ``sum_i`` of the combination
+  for known per-token coefficients (a scalar reduction). Plain evaluation runs the cheap
+  statistics scan; its forward rule, which JAX runs only when a gradient is taken, walks over
+  token tiles against the whole (local) vocabulary, so each tile's softmax is exact at once and
+  ``dX``, ``dW``, ``db`` come out of the same pass: three matmuls, like the materialised loss.
+  The backward scales them by the incoming cotangent; the coefficients' own gradients are the
+  statistics, so ``sample_weights``, ``class_weights`` and traced hyperparameters are
+  differentiated by ordinary autodiff outside the core.
+
+Vocab-parallel (``axis_name``): each device computes the statistics of its vocabulary shard
+and they are combined with ``pmax``/``psum`` (inside the token-tile scan for ``_total``).
 """
 
 from __future__ import annotations
@@ -22,19 +30,59 @@ from typing import NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
-from jaxce import _checks, _reduce, _vocab
+from jaxce import _api, _checks, _reduce, _vocab
+from jaxce._checks import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, Reduction
 
 Array: TypeAlias = jax.Array
 ArrayLike: TypeAlias = jax.typing.ArrayLike
 
+# Smallest automatic token tile for which the gradient-in-forward path is taken.
+_FAST_MIN_ROWS = 256
+
+
+class LinearCrossEntropyAux(NamedTuple):
+    """Per-token auxiliary outputs of ``linear_softmax_cross_entropy(..., return_aux=True)``.
+
+    Attributes:
+      lse: float32 log-normaliser of the (capped) logits, differentiable.
+      z_loss: the z-loss term ``z_loss * lse**2`` the loss includes, before weighting and
+        reduction (0 for ignored tokens), differentiable.
+      argmax: int32 id of the largest (capped) logit over the real vocabulary, ties to the
+        smallest id (global under ``axis_name``); not differentiable.
+    """
+
+    lse: Array
+    z_loss: Array
+    argmax: Array
+
 
 class _Config(NamedTuple):
-    chunk: int  # columns per tile (<= local vocabulary)
+    chunk: int  # vocabulary columns per tile of the statistics scan
+    rows: int  # tokens per tile of the gradient-in-forward scan
     softcap: float | None  # s in s * tanh(z / s)
     limit: int  # global number of real classes; columns at or past it are padding
-    want_sum: bool  # compute S = sum of the (capped) logits over real classes
+    want_sum: bool  # compute S = sum_c u_c z_c over real classes (label smoothing)
+    want_argmax: bool
+    axis_name: str | None  # vocab-parallel mesh axis (only ``_total`` combines inside)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _cap(cfg: _Config, z: Array) -> Array:
+    return z if cfg.softcap is None else cfg.softcap * jnp.tanh(z / cfg.softcap)
+
+
+def _cap_slope(cfg: _Config, z: Array) -> Array | float:
+    """d cap(u) / du at capped value ``z``: ``1 - (z / s)**2``."""
+    if cfg.softcap is None:
+        return 1.0
+    t = z / cfg.softcap
+    return 1 - t * t
 
 
 def _tile(cfg: _Config, x, w, b, i, offset):
@@ -44,111 +92,413 @@ def _tile(cfg: _Config, x, w, b, i, offset):
     z = jnp.dot(x, wc, preferred_element_type=acc)
     if bc is not None:
         z = z + bc.astype(acc)[None, :]
-    if cfg.softcap is not None:
-        z = cfg.softcap * jnp.tanh(z / cfg.softcap)
     valid = fresh & (offset + cols < cfg.limit)
-    return z, wc, cols, valid[None, :], start
+    return _cap(cfg, z), wc, cols, valid[None, :], start
 
 
-def _stats_fwd_impl(cfg: _Config, x, w, b, y, offset):
+def _block(u: Array | None, start, chunk: int):
+    return None if u is None else lax.dynamic_slice_in_dim(u, start, chunk)
+
+
+def _stats_fwd_impl(cfg: _Config, x, w, b, u, y, offset):
+    """Local ``(lse, z_y, S, m, argmax)``: scan over vocabulary chunks, online log-sum-exp.
+
+    ``m`` is the running maximum (the argmax's value) and ``argmax`` a global column id; both
+    are only meaningful with ``cfg.want_argmax``.
+    """
     n = x.shape[0]
     acc = _reduce.compute_dtype(x.dtype, w.dtype)
     zero = jnp.zeros((), acc)
 
     def body(carry, i):
-        m, s, zy, total = carry
-        z, _, cols, valid, _ = _tile(cfg, x, w, b, i, offset)
+        m, s, zy, total, best = carry
+        z, _, cols, valid, start = _tile(cfg, x, w, b, i, offset)
         zm = jnp.where(valid, z, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(zm, axis=1))
+        tile_max = jnp.max(zm, axis=1)
+        m_new = jnp.maximum(m, tile_max)
         shift = jnp.where(jnp.isfinite(m_new), m_new, zero)
         s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(zm - shift[:, None]), axis=1)
         hit = valid & (cols[None, :] == y[:, None])
         zy = zy + jnp.sum(jnp.where(hit, z, zero), axis=1)
         if cfg.want_sum:
-            total = total + jnp.sum(jnp.where(valid, z, zero), axis=1)
-        return (m_new, s, zy, total), None
+            uc = _block(u, start, cfg.chunk)
+            zu = z if uc is None else z * uc.astype(acc)[None, :]
+            total = total + jnp.sum(jnp.where(valid, zu, zero), axis=1)
+        if cfg.want_argmax:
+            # Strictly greater: on ties the earlier chunk, i.e. the smaller id, wins.
+            tile_arg = offset + start + jnp.argmax(zm, axis=1).astype(jnp.int32)
+            best = jnp.where(tile_max > m, tile_arg, best)
+        return (m_new, s, zy, total, best), None
 
     init = (
         jnp.full((n,), -jnp.inf, acc),
         jnp.zeros((n,), acc),
         jnp.zeros((n,), acc),
         jnp.zeros((n,), acc),
+        jnp.zeros((n,), jnp.int32),
     )
-    init = _vocab.varying_like(init, x, w, b, y, offset)
-    (m, s, zy, total), _ = lax.scan(
+    init = _vocab.varying_like(init, x, w, b, u, y, offset)
+    (m, s, zy, total, best), _ = lax.scan(
         body, init, jnp.arange(_vocab.num_chunks(w.shape[1], cfg.chunk))
     )
     shift = jnp.where(jnp.isfinite(m), m, zero)
     lse = shift + jnp.log(s)  # -inf for a row with no real class (an all-padding shard)
-    return lse, zy, total
+    return lse, zy, total, m, best
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _stats(cfg: _Config, x, w, b, y, offset):
-    """Per-token ``(lse, z_y, S)`` of ``z = cap(x @ w + b)`` over the real columns.
-
-    ``y`` are local column ids (``-1``: the label is not in this shard, ``z_y = 0``) and
-    ``offset`` is the global id of local column 0 (a traced scalar under ``shard_map``).
-    """
-    return _stats_fwd_impl(cfg, x, w, b, y, offset)
-
-
-def _stats_fwd(cfg, x, w, b, y, offset):
-    lse, zy, total = _stats_fwd_impl(cfg, x, w, b, y, offset)
-    return (lse, zy, total), (x, w, b, y, offset, lse)
-
-
-def _stats_bwd(cfg, res, cotangents):
-    x, w, b, y, offset, lse = res
-    g_lse, g_zy, g_sum = cotangents
+def _recompute_grads(cfg: _Config, x, w, b, u, y, offset, lse, g_lse, g_zy, g_sum):
+    """``(dx, dw, db, du)`` for per-token cotangents of ``(lse, z_y, S)``: one scan that
+    recomputes each chunk's logits (``g_zy``/``g_sum`` may be ``None``: zero)."""
     acc = _reduce.compute_dtype(x.dtype, w.dtype)
     operand = jnp.result_type(x.dtype, w.dtype)
     zero = jnp.zeros((), acc)
+    # Tokens with a zero cotangent take no part: selects, not products, keep a NaN in their
+    # hidden state out of the gradient (0 * NaN is NaN).
+    active = g_lse != 0
+    for g in (g_zy, g_sum):
+        active = active if g is None else active | (g != 0)
+    x_active = jnp.where(active[:, None], x, jnp.zeros((), x.dtype))
 
     def body(carry, i):
-        dx, dw, db = carry
+        dx, dw, db, du = carry
         z, wc, cols, valid, start = _tile(cfg, x, w, b, i, offset)
         p = jnp.where(valid, jnp.exp(z - lse[:, None]), zero)
         dz = g_lse[:, None] * p
-        hit = valid & (cols[None, :] == y[:, None])
-        dz = dz + jnp.where(hit, g_zy[:, None], zero)
-        if cfg.want_sum:
-            dz = dz + jnp.where(valid, g_sum[:, None], zero)
-        if cfg.softcap is not None:
-            t = z / cfg.softcap
-            dz = dz * (1 - t * t)
+        if g_zy is not None:
+            hit = valid & (cols[None, :] == y[:, None])
+            dz = dz + jnp.where(hit, g_zy[:, None], zero)
+        uc = _block(u, start, cfg.chunk)
+        if g_sum is not None:
+            ucol = jnp.ones((), acc) if uc is None else uc.astype(acc)[None, :]
+            dz = dz + jnp.where(valid, g_sum[:, None] * ucol, zero)
+            if du is not None:
+                duc = jnp.dot(g_sum, jnp.where(valid, z, zero), preferred_element_type=acc)
+                du = lax.dynamic_update_slice_in_dim(du, duc.astype(du.dtype), start, axis=0)
+        dz = jnp.where(active[:, None], dz * _cap_slope(cfg, z), zero)
         dzc = dz.astype(operand)
         dx = dx + jnp.dot(dzc, wc.T, preferred_element_type=acc)
-        dwc = jnp.dot(x.T, dzc, preferred_element_type=acc)
+        dwc = jnp.dot(x_active.T, dzc, preferred_element_type=acc)
         dw = lax.dynamic_update_slice_in_dim(dw, dwc.astype(dw.dtype), start, axis=1)
         if db is not None:
             dbc = jnp.sum(dz, axis=0).astype(db.dtype)
             db = lax.dynamic_update_slice_in_dim(db, dbc, start, axis=0)
-        return (dx, dw, db), None
+        return (dx, dw, db, du), None
 
     init = (
         jnp.zeros(x.shape, acc),
         jnp.zeros(w.shape, w.dtype),
         None if b is None else jnp.zeros(b.shape, b.dtype),
+        None if u is None or g_sum is None else jnp.zeros(u.shape, u.dtype),
     )
-    init = _vocab.varying_like(init, x, w, b, y, offset, lse, g_lse, g_zy, g_sum)
+    init = _vocab.varying_like(init, x, w, b, u, y, offset, lse, g_lse, g_zy, g_sum)
     # Reverse order: the shifted last tile writes zeros over the columns it shares with the
     # previous tile, which then overwrites them with their true gradient.
-    (dx, dw, db), _ = lax.scan(
+    (dx, dw, db, du), _ = lax.scan(
         body, init, jnp.arange(_vocab.num_chunks(w.shape[1], cfg.chunk)), reverse=True
     )
-    # Inside shard_map a cotangent may vary over mesh axes its primal does not (dW sums over the
-    # token shards of a data axis): sum it over those axes, as the transpose of pcast would.
-    dx, dw, db = (
-        None if ct is None else _vocab.sum_over_extra_axes(ct, ref)
-        for ct, ref in ((dx, x), (dw, w), (db, b))
+    return dx, dw, db, du
+
+
+def _local_cotangents(dx, dw, db, du, x, w, b, u):
+    """Cast to the primals' dtypes; inside ``shard_map`` a cotangent may vary over mesh axes
+    its primal does not (dW sums over the token shards of a data axis): sum it over those,
+    as the transpose of ``pcast`` would."""
+    out = []
+    for ct, ref in ((dx, x), (dw, w), (db, b), (du, u)):
+        if ct is None or ref is None:
+            out.append(None)
+        else:
+            out.append(_vocab.sum_over_extra_axes(ct, ref).astype(ref.dtype))
+    return tuple(out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _stats(cfg: _Config, x, w, b, u, y, offset):
+    """Local per-token ``(lse, z_y, S, m, argmax)`` of ``z = cap(x @ w + b)`` over real columns.
+
+    ``y`` are local column ids (``-1``: the label is not in this shard, ``z_y = 0``),
+    ``offset`` is the global id of local column 0 (a traced scalar under ``shard_map``) and
+    ``u`` the optional per-column weights of ``S``. ``m`` and ``argmax`` carry no gradient.
+    """
+    return _stats_fwd_impl(cfg, x, w, b, u, y, offset)
+
+
+def _stats_fwd(cfg, x, w, b, u, y, offset):
+    out = _stats_fwd_impl(cfg, x, w, b, u, y, offset)
+    return out, (x, w, b, u, y, offset, out[0])
+
+
+def _stats_bwd(cfg, res, cotangents):
+    x, w, b, u, y, offset, lse = res
+    g_lse, g_zy, g_sum, _, _ = cotangents
+    grads = _recompute_grads(
+        cfg, x, w, b, u, y, offset, lse, g_lse, g_zy, g_sum if cfg.want_sum else None
     )
-    return dx.astype(x.dtype), dw, db, None, None
+    return (*_local_cotangents(*grads, x, w, b, u), None, None)
 
 
 _stats.defvjp(_stats_fwd, _stats_bwd)
 
 
+def _combine(cfg: _Config, lse, zy, total, m, best):
+    """Global statistics from the local ones of each vocabulary shard (identity unsharded)."""
+    axis = cfg.axis_name
+    if axis is None:
+        return lse, zy, total, best
+    # logsumexp over shards. The shift is a constant (pmax has no derivative rule, so it
+    # sees no tangent); psum, unlike all_gather, gives a result replicated over the axis.
+    peak = lax.pmax(lax.stop_gradient(lse), axis)
+    lse = peak + jnp.log(lax.psum(jnp.exp(lse - peak), axis))
+    zy = lax.psum(zy, axis)
+    if cfg.want_sum:
+        total = lax.psum(total, axis)
+    if cfg.want_argmax:
+        m = lax.stop_gradient(m)
+        top = lax.pmax(m, axis)
+        best = lax.pmin(jnp.where(m == top, best, jnp.iinfo(jnp.int32).max), axis)
+    return lse, zy, total, best
+
+
+# --------------------------------------------------------------- gradient in the forward pass
+
+
+class _Coef(NamedTuple):
+    """Per-token coefficients: token loss = alpha lse + beta z_y + gamma S + zeta lse**2."""
+
+    alpha: Array
+    beta: Array
+    gamma: Array | None
+    zeta: Array | None
+
+
+def _combination(coef: _Coef, keep, lse, zy, total):
+    t = coef.alpha * lse + coef.beta * zy
+    if coef.gamma is not None:
+        t = t + coef.gamma * total
+    if coef.zeta is not None:
+        t = t + coef.zeta * jnp.square(lse)
+    # A select, not a product: a dropped token's NaN (or infinite) statistics must not leak.
+    return jnp.where(keep, t, jnp.zeros((), t.dtype))
+
+
+def _total_plain(cfg: _Config, x, w, b, u, y, offset, keep, coef: _Coef):
+    lse, zy, total, m, best = _stats_fwd_impl(cfg, x, w, b, u, y, offset)
+    lse, zy, total, best = _combine(cfg, lse, zy, total, m, best)
+    return jnp.sum(_combination(coef, keep, lse, zy, total)), lse, best
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _total(cfg: _Config, x, w, b, u, y, offset, keep, coef: _Coef):
+    """``(sum_i keep_i * token_loss_i, global lse, global argmax)`` for known coefficients."""
+    return _total_plain(cfg, x, w, b, u, y, offset, keep, coef)
+
+
+def _row_block(a: Array, start, rows: int):
+    return lax.dynamic_slice_in_dim(a, start, rows, axis=0)
+
+
+def _grads_in_forward(cfg: _Config, x, w, b, u, y, offset, keep, coef: _Coef, need_x, need_w):
+    """Token-tiled scan: the loss, the statistics and the gradients in one pass.
+
+    Each tile holds ``rows`` tokens against the whole local vocabulary, so its log-sum-exp is
+    final (after one ``pmax``/``psum`` under ``axis_name``) before any gradient is formed.
+    """
+    n, _ = x.shape
+    vocab = w.shape[1]
+    rows = cfg.rows
+    axis = cfg.axis_name
+    acc = _reduce.compute_dtype(x.dtype, w.dtype)
+    operand = jnp.result_type(x.dtype, w.dtype)
+    zero = jnp.zeros((), acc)
+    cols = lax.iota(jnp.int32, vocab)
+    valid = (offset + cols < cfg.limit)[None, :]
+    ucol = None if u is None else u.astype(acc)[None, :]
+    alpha, beta = coef.alpha, coef.beta
+    gamma = jnp.zeros((n,), acc) if coef.gamma is None else coef.gamma
+    zeta = jnp.zeros((n,), acc) if coef.zeta is None else coef.zeta
+
+    def body(carry, i):
+        total_loss, stats, dx, dw, db, du = carry
+        start = jnp.minimum(i * rows, n - rows)
+        fresh = start + lax.iota(jnp.int32, rows) >= i * rows
+        xt, yt = _row_block(x, start, rows), _row_block(y, start, rows)
+        kt = _row_block(keep, start, rows) & fresh
+        at, bt, gt, zt = (_row_block(c, start, rows) for c in (alpha, beta, gamma, zeta))
+        z = jnp.dot(xt, w, preferred_element_type=acc)
+        if b is not None:
+            z = z + b.astype(acc)[None, :]
+        z = _cap(cfg, z)
+        zm = jnp.where(valid, z, -jnp.inf)
+        # The shift cancels in the log-sum-exp: a constant to any outer derivative (and pmax
+        # has no derivative rule).
+        m_local = lax.stop_gradient(jnp.max(zm, axis=1))
+        m = m_local if axis is None else lax.pmax(m_local, axis)
+        shift = jnp.where(jnp.isfinite(m), m, zero)
+        e = jnp.exp(zm - shift[:, None])
+        s = jnp.sum(e, axis=1)
+        hit = cols[None, :] == yt[:, None]
+        zy = jnp.sum(jnp.where(hit, z, zero), axis=1)
+        tot = jnp.zeros((rows,), acc)
+        if cfg.want_sum:
+            zu = z if ucol is None else z * ucol
+            tot = jnp.sum(jnp.where(valid, zu, zero), axis=1)
+        if axis is not None:
+            s, zy, tot = (lax.psum(t, axis) for t in (s, zy, tot))
+        lse = shift + jnp.log(s)
+        if cfg.want_argmax:
+            arg = offset + jnp.argmax(zm, axis=1).astype(jnp.int32)
+            if axis is not None:
+                arg = lax.pmin(jnp.where(m_local == m, arg, jnp.iinfo(jnp.int32).max), axis)
+        else:
+            arg = jnp.zeros((rows,), jnp.int32)
+        t = jnp.where(kt, at * lse + bt * zy + gt * tot + zt * jnp.square(lse), zero)
+        total_loss = total_loss + jnp.sum(t)
+        stats = tuple(
+            lax.dynamic_update_slice_in_dim(full, part, start, axis=0)
+            for full, part in zip(stats, (lse, zy, tot, arg), strict=True)
+        )
+        # d t / d z = (alpha + 2 zeta lse) p + beta onehot(y) + gamma u, on the real columns.
+        g_lse = jnp.where(kt, at + 2 * zt * lse, zero) / s
+        dz = g_lse[:, None] * e
+        dz = dz + jnp.where(hit, jnp.where(kt, bt, zero)[:, None], zero)
+        if cfg.want_sum:
+            gk = jnp.where(kt, gt, zero)
+            dz = dz + jnp.where(valid, gk[:, None] * (1.0 if ucol is None else ucol), zero)
+            if du is not None:
+                du = du + jnp.dot(gk, jnp.where(valid, z, zero), preferred_element_type=acc)
+        # Dropped tokens take no part: selects, not products, keep a NaN in their hidden
+        # state out of the gradient (0 * NaN is NaN), as the materialised loss's select does.
+        dz = jnp.where(kt[:, None], dz * _cap_slope(cfg, z), zero)
+        dzc = dz.astype(operand)
+        if dx is not None:
+            dxt = jnp.dot(dzc, w.T, preferred_element_type=acc)
+            dx = lax.dynamic_update_slice_in_dim(dx, dxt, start, axis=0)
+        if dw is not None:
+            xk = jnp.where(kt[:, None], xt, jnp.zeros((), xt.dtype))
+            dw = dw + jnp.dot(xk.T, dzc, preferred_element_type=acc)
+        if db is not None:
+            db = db + jnp.sum(dz, axis=0)
+        return (total_loss, stats, dx, dw, db, du), None
+
+    local_init = (
+        jnp.zeros(x.shape, acc) if need_x else None,
+        jnp.zeros(w.shape, acc) if need_w else None,
+        None if b is None else jnp.zeros(b.shape, acc),
+        None if u is None or not cfg.want_sum else jnp.zeros(u.shape, acc),
+    )
+    local_init = _vocab.varying_like(local_init, x, w, b, u, y, offset, keep, *coef)
+    # The loss and the statistics are combined over the vocabulary axis in the body, so
+    # they vary over every mesh axis of the inputs but that one.
+    axes = _vocab.varying_axes(x, w, b, u, y, offset, keep, *coef) - {axis}
+    combined_init = _vocab.varying_over(
+        (
+            jnp.zeros((), acc),
+            (
+                jnp.zeros((n,), acc),
+                jnp.zeros((n,), acc),
+                jnp.zeros((n,), acc),
+                jnp.zeros((n,), jnp.int32),
+            ),
+        ),
+        axes,
+    )
+    init = (*combined_init, *local_init)
+    # Reverse order: the shifted last tile (fresh rows only) goes first and the tile before
+    # it overwrites the rows they share with its own values.
+    (total_loss, stats, dx, dw, db, du), _ = lax.scan(
+        body, init, jnp.arange(_vocab.num_chunks(n, rows)), reverse=True
+    )
+    return total_loss, stats, (dx, dw, db, du)
+
+
+def _total_fwd(cfg, x, w, b, u, y, offset, keep, coef):
+    values = jax.custom_derivatives.custom_vjp_primal_tree_values
+    xv, wv, bv, uv, yv, ov, kv, cv = values((x, w, b, u, y, offset, keep, coef))
+    total_loss, (lse, zy, tot, arg), grads = _grads_in_forward(
+        cfg, xv, wv, bv, uv, yv, ov, kv, cv, need_x=x.perturbed, need_w=w.perturbed
+    )
+    stats = (lse, zy, tot)
+    return (total_loss, lse, arg), (grads, stats, (xv, wv, bv, uv, yv, ov, kv, cv))
+
+
+def _scale(g, ct):
+    return None if ct is None else (g * ct).astype(ct.dtype)
+
+
+def _total_bwd(cfg, res, cotangents):
+    (dx, dw, db, du), (lse, zy, tot), (x, w, b, u, y, offset, keep, coef) = res
+    g_total, g_lse, _ = cotangents
+    acc = _reduce.compute_dtype(x.dtype, w.dtype)
+    if type(g_total) is SymbolicZero:
+        g_total = jnp.zeros((), acc)
+    dx, dw, db, du = (_scale(g_total, ct) for ct in (dx, dw, db, du))
+    if type(g_lse) is not SymbolicZero:
+        # A differentiated aux.lse: its per-token cotangent is only known now, so pay the
+        # recompute path's pass for it.
+        extra = _recompute_grads(cfg, x, w, b, u, y, offset, lse, g_lse, None, None)
+        dx, dw, db, du = (
+            e if a is None else (a if e is None else a + e)
+            for a, e in zip((dx, dw, db, du), extra, strict=True)
+        )
+    dx, dw, db, du = _local_cotangents(dx, dw, db, du, x, w, b, u)
+    dx = jnp.zeros(x.shape, x.dtype) if dx is None else dx
+    dw = jnp.zeros(w.shape, w.dtype) if dw is None else dw
+    kept = lambda v: g_total * jnp.where(keep, v, jnp.zeros((), v.dtype))  # noqa: E731
+    d_coef = _Coef(
+        alpha=kept(lse),
+        beta=kept(zy),
+        gamma=None if coef.gamma is None else kept(tot),
+        zeta=None if coef.zeta is None else kept(jnp.square(lse)),
+    )
+    d_coef = _Coef(
+        *(None if c is None else c.astype(r.dtype) for c, r in zip(d_coef, coef, strict=True))
+    )
+    return dx, dw, db, du, None, None, None, d_coef
+
+
+_total.defvjp(_total_fwd, _total_bwd, symbolic_zeros=True)
+
+
+# ------------------------------------------------------------------------ argument handling
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _hyperparameter(value, name: str, dtype, domain: _checks.Domain):
+    """``(value in dtype or None when off, NaN-or-None)``: a traced value outside ``domain``
+    makes the loss NaN (returned as the poison to add) and fails a checkify check; concrete
+    values were checked by ``_api``."""
+    if _checks.is_off(value):
+        return None, None
+    value, bad = _checks.hyperparameter(value, name, dtype, domain)
+    zero, nan = jnp.zeros((), dtype), jnp.full((), jnp.nan, dtype)
+    return value, jnp.where(bad, nan, zero)
+
+
+def _static_int(value, name: str):
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise ValueError(f"`{name}` must be a positive int or None, got {value!r}.")
+    return int(value)
+
+
+@_api.public(
+    static=(
+        "ignore_index",
+        "logit_softcap",
+        "reduction",
+        "chunk_size",
+        "axis_name",
+        "vocab_size",
+        "return_aux",
+    ),
+    optional=("label_smoothing", "z_loss"),
+    domains={"label_smoothing": UNIT_INTERVAL, "z_loss": NON_NEGATIVE, "chunk_size": POSITIVE},
+    reverse_mode_only=True,
+)
 def linear_softmax_cross_entropy(
     hidden: ArrayLike,
     weight: ArrayLike,
@@ -159,57 +509,81 @@ def linear_softmax_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
+    class_weights: ArrayLike | None = None,
     sample_weights: ArrayLike | None = None,
-    reduction: str = "none",
+    reduction: Reduction = "none",
     chunk_size: int | None = None,
     axis_name: str | None = None,
     vocab_size: int | None = None,
+    return_aux: bool = False,
 ):
     r"""Softmax cross-entropy of ``hidden @ weight + bias`` without materialising the logits.
 
-    For a token with hidden state :math:`h`, label :math:`y`, :math:`V` classes, smoothing
-    :math:`\varepsilon`, z-loss :math:`\lambda_z` and optional soft cap :math:`s`:
+    For a token with hidden state :math:`h`, label :math:`y`, :math:`V` classes, class weights
+    :math:`c` (ones if not given), smoothing :math:`\varepsilon`, z-loss :math:`\lambda_z` and
+    optional soft cap :math:`s`:
 
     .. math::
       z = \operatorname{cap}_s(h W + b), \quad \operatorname{cap}_s(u) = s \tanh(u / s),
-      \qquad L = \operatorname{logsumexp}_c z_c,
+      \qquad L = \operatorname{logsumexp}_k z_k,
 
-      \ell = (1 - \varepsilon)(L - z_y) + \varepsilon \Big(L - \frac{1}{V}\sum_c z_c\Big)
-             + \lambda_z L^2
+      \ell = (1 - \varepsilon)\, c_y (L - z_y)
+             + \frac{\varepsilon}{V} \sum_k c_k (L - z_k) + \lambda_z L^2
 
-    times ``sample_weights``; this equals
+    times ``sample_weights``; the mean divides by :math:`\sum_i s_i c_{y_i}` over kept tokens
+    (PyTorch's ``F.linear_cross_entropy(weight=...)``; 0 if that is 0). This equals
     ``softmax_cross_entropy_with_integer_labels(cap(hidden @ weight + bias), labels, ...)``
-    in value and in its gradients with respect to ``hidden``, ``weight`` and ``bias``.
+    in value and in its gradients with respect to ``hidden``, ``weight``, ``bias``,
+    ``class_weights`` and ``sample_weights``.
 
-    The vocabulary is processed in chunks of ``chunk_size`` columns: the forward pass keeps an
-    online log-sum-exp per token, the backward pass recomputes each chunk's logits, writes that
-    chunk's block of ``dweight`` and accumulates ``dhidden`` in float32. Memory beyond inputs
-    and outputs is one ``(tokens, chunk_size)`` float32 tile and a few of its elementwise
-    temporaries, plus ``O(tokens * D)`` for the float32 ``dhidden`` accumulator, forward and
-    backward: the ``(tokens, V)`` logits never exist. The backward costs one more matmul than
-    the materialised loss (the recomputed logits).
+    **Two paths, one result.** ``reduction="none"`` (per-token cotangents unknown) takes the
+    *recompute* path: a forward scan over chunks of ``chunk_size`` vocabulary columns with an
+    online log-sum-exp, and a backward scan that recomputes each chunk's logits, writes that
+    chunk's block of ``dweight`` and accumulates ``dhidden`` in float32 (four matmuls).
+    Scalar reductions (``"sum"``, ``"mean"``, ``"sum_and_weight"``) take the
+    *gradient-in-forward* path when differentiated: one scan over token tiles, each against
+    the whole (local) vocabulary, computes the loss and ``dhidden``, ``dweight``, ``dbias``
+    together (three matmuls, like the materialised loss), and the backward only scales them
+    by the incoming cotangent. A token tile has about ``2**23`` elements (at least 128
+    tokens), or ``chunk_size * tokens`` elements when ``chunk_size`` is given. With
+    ``chunk_size=None`` this path is taken when a tile holds at least 256 tokens or all of
+    them (e.g. ``V <= 32768``); past that, re-reading the weight and the ``dweight``
+    accumulator for every small tile costs more than the matmul it saves, and the recompute
+    path runs instead. Plain
+    evaluation (no gradient) runs the cheap forward scan either way. Memory beyond inputs and
+    outputs: one tile and a few of its elementwise temporaries, plus the float32 ``dhidden``
+    (recompute) or one float32 ``dweight``-sized accumulator (gradient in forward); the
+    ``(tokens, V)`` logits never exist. Measured on a 2-core CPU at ``N=4096, D=1024,
+    V=32768`` float32 (``benchmarks/README.md``): see there for time and memory against the
+    materialised loss.
 
     Half-precision ``hidden``/``weight`` stay half precision as matmul operands, with float32
     accumulation (``preferred_element_type``); the log-sum-exp and the logits' gradient are
-    float32 and the latter is cast to the operand dtype just before the two backward matmuls.
-    The loss is float32 for half-precision inputs.
+    float32, the latter cast to the operand dtype just before the gradient matmuls. The loss
+    is float32 for half-precision inputs.
 
-    **Differentiation.** Reverse mode (``jax.grad``, ``jax.value_and_grad``, ``jax.vjp``) to
-    first order, under ``jax.jit``, ``jax.vmap`` and ``jax.checkpoint``, and inside
-    ``shard_map``. Forward mode (``jax.jvp``) and second order are *not* supported (the core is
-    a ``jax.custom_vjp``; JAX raises if asked): differentiate
-    :func:`softmax_cross_entropy_with_integer_labels` of the materialised logits for those.
+    **Transformations.** Supported: ``jax.grad``, ``jax.value_and_grad``, ``jax.vjp`` (with
+    respect to ``hidden``, ``weight``, ``bias``, ``class_weights``, ``sample_weights`` and
+    traced ``label_smoothing``/``z_loss``), ``jax.jit``, ``jax.vmap``, ``jax.checkpoint``,
+    ``shard_map``, and second order in reverse mode (grad of grad, Hessian-vector products,
+    ``jax.hessian``), which differentiates through the first-order rules and so holds their
+    per-tile residuals (use it at small sizes). Not supported: forward mode (``jax.jvp``,
+    ``jax.jacfwd``, evaluating ``jax.linearize``'s linear function). Called directly, ``jax.jvp``
+    and ``jax.jacfwd`` raise a ``TypeError`` that names this function and the alternative,
+    :func:`softmax_cross_entropy_with_integer_labels` of the materialised logits; through
+    ``jax.jit`` (or ``jax.linearize``) JAX raises its own ``TypeError`` about forward-mode
+    autodiff of a ``custom_vjp``.
 
     **Vocab-parallel.** With ``axis_name``, call it inside ``jax.shard_map`` with ``weight``
-    (and ``bias``) sharded over the vocabulary along that mesh axis and ``hidden``/``labels``
-    replicated over it; ``labels`` are global vocabulary ids. Each device handles its shard
-    and the per-token statistics are combined with one ``pmax`` and three ``psum`` of
-    ``(tokens,)`` vectors; the result equals the unsharded one. ``dweight`` stays local;
-    ``dhidden`` is summed over the axis by ``shard_map``. ``shard_map`` needs the vocabulary
-    to divide evenly: pad ``weight`` (and ``bias``) with columns up to a multiple of the shard
-    count and pass the true number of classes as ``vocab_size``; padded columns are excluded
-    from the softmax and from smoothing. A ``(data, model)`` mesh, tokens over ``data`` and
-    vocabulary over ``model`` (inputs placed with their shardings)::
+    (and ``bias``, ``class_weights``) sharded over the vocabulary along that mesh axis and
+    ``hidden``/``labels`` replicated over it; ``labels`` are global vocabulary ids. Each
+    device handles its shard and the per-token statistics are combined with ``pmax`` and
+    ``psum`` of ``(tokens,)`` vectors; the result equals the unsharded one. ``dweight`` stays
+    local; ``dhidden`` is summed over the axis by ``shard_map``. ``shard_map`` needs the
+    vocabulary to divide evenly: pad ``weight`` (and ``bias``, ``class_weights``) with columns
+    up to a multiple of the shard count and pass the true number of classes as
+    ``vocab_size``; padded columns are excluded from the softmax, smoothing and ``argmax``.
+    A ``(data, model)`` mesh, tokens over ``data`` and vocabulary over ``model``::
 
         mesh = jax.make_mesh((2, 4), ("data", "model"))
         P = jax.sharding.PartitionSpec
@@ -227,6 +601,13 @@ def linear_softmax_cross_entropy(
         value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(
             put(hidden, "data", None), put(weight, None, "model"), put(labels, "data"))
 
+    **Several hosts** (a TPU pod slice, a GPU cluster, CPU hosts): the same code. Call
+    ``jax.distributed.initialize()`` first in every process (on CPU, with
+    ``jax.config.update("jax_cpu_collectives_implementation", "gloo")``), build the mesh from
+    all of ``jax.devices()`` (``jax.make_mesh`` does), and place each process's part of the
+    global arrays with ``jax.make_array_from_process_local_data`` (or
+    ``jax.make_array_from_callback``) instead of ``jax.device_put``.
+
     Args:
       hidden: ``(..., D)`` float array (one row per token; any leading axes).
       weight: ``(D, V)`` float array (a Flax ``Dense`` kernel; tied embeddings pass
@@ -235,26 +616,36 @@ def linear_softmax_cross_entropy(
       labels: integer array of shape ``hidden.shape[:-1]``, class ids in ``[0, V)``.
       bias: optional ``(V,)`` (local shard under ``axis_name``).
       ignore_index: label value whose tokens are dropped (loss 0, gradient 0, weight 0).
-      label_smoothing: :math:`\varepsilon`; uniform mass :math:`\varepsilon / V`.
-      z_loss: :math:`\lambda_z`, on the log-sum-exp of the (capped) logits.
-      logit_softcap: :math:`s` (Gemma 2), or ``None`` for no cap.
-      sample_weights: weights broadcastable to ``labels.shape``.
+      label_smoothing: :math:`\varepsilon \in [0, 1]`; uniform mass :math:`\varepsilon / V`.
+      z_loss: :math:`\lambda_z \ge 0`, on the log-sum-exp of the (capped) logits; carries the
+        sample weight, not the class weight.
+      logit_softcap: :math:`s > 0` (Gemma 2), or ``None`` for no cap.
+      class_weights: optional ``(V,)`` float weight per column of ``weight`` (PyTorch's
+        ``weight``; local shard under ``axis_name``; entries of padding columns are unused).
+      sample_weights: float or boolean weights broadcastable to ``labels.shape`` (a boolean
+        mask keeps the tokens where it is ``True``).
       reduction: ``"none"``, ``"sum"``, ``"mean"`` (weighted mean; 0 if every token is
         dropped) or ``"sum_and_weight"`` (numerator and denominator of the mean).
-      chunk_size: vocabulary columns per tile. ``None`` picks about ``2**22 / tokens`` (a
-        16 MiB float32 tile), rounded down to a multiple of 128, at least 256 and at most
-        ``V``. A chunk that does not divide ``V`` is fine: the last tile is shifted to overlap
-        the previous one (tiles are never shrunk and ``weight`` is never padded or copied).
+      chunk_size: vocabulary columns per tile (the tile has ``chunk_size * tokens``
+        elements). ``None`` picks about ``2**22 / tokens`` (a 16 MiB float32 tile), rounded
+        down to a multiple of 128, at least 256 and at most ``V``. A chunk that does not
+        divide ``V`` is fine: the last tile is shifted to overlap the previous one (tiles are
+        never shrunk and ``weight`` is never padded or copied).
       axis_name: mesh axis over which ``weight`` is vocabulary-sharded (inside
         ``shard_map``), or ``None``.
       vocab_size: number of real classes when ``weight`` carries padding columns at the end
         (global count under ``axis_name``); ``None`` means all ``V`` columns are classes.
+      return_aux: also return per-token :class:`LinearCrossEntropyAux` (``lse``, ``z_loss``,
+        ``argmax``), computed in the same pass; differentiating ``lse`` or ``z_loss`` costs
+        one recompute pass in the backward.
 
     Returns:
       Per-token losses of shape ``labels.shape`` (``reduction="none"``), a scalar, or the pair
       for ``"sum_and_weight"``; float32 for half-precision inputs, else the inputs' dtype. A
       label outside ``[0, V)`` that is not ``ignore_index`` gives NaN for its token (and an
-      error under ``jax.experimental.checkify``).
+      error under ``jax.experimental.checkify``), as does NaN in the token's hidden state.
+      With ``return_aux``, the pair ``(loss, aux)``, every field of ``aux`` of shape
+      ``labels.shape``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -273,6 +664,12 @@ def linear_softmax_cross_entropy(
       ...     hidden, weight, labels, reduction="mean", chunk_size=256)
       >>> grad.shape
       (16, 1000)
+      >>> loss, aux = jaxce.linear_softmax_cross_entropy(
+      ...     hidden, weight, labels, z_loss=1e-4, return_aux=True)
+      >>> bool(jnp.all(aux.argmax == jnp.argmax(hidden @ weight, axis=-1)))
+      True
+      >>> bool(jnp.allclose(aux.lse, jax.nn.logsumexp(hidden @ weight, axis=-1)))
+      True
 
     References:
       Wijmans et al., *Cut Your Losses in Large-Vocabulary Language Models* (Cut
@@ -299,13 +696,24 @@ def linear_softmax_cross_entropy(
     if bias is not None:
         bias = _checks.as_floating(bias, "bias")
         _checks.same_shape(bias, "bias", (local_vocab,), "one entry per column of `weight`")
+    if class_weights is not None:
+        class_weights = _checks.as_floating(class_weights, "class_weights")
+        _checks.same_shape(
+            class_weights, "class_weights", (local_vocab,), "one entry per column of `weight`"
+        )
     if logit_softcap is not None:
-        if isinstance(logit_softcap, jax.core.Tracer) or jnp.ndim(logit_softcap) != 0:
+        if _checks.is_tracer(logit_softcap) or jnp.ndim(logit_softcap) != 0:
             raise TypeError("`logit_softcap` must be a Python float or None.")
         logit_softcap = float(logit_softcap)
         if not logit_softcap > 0:
             raise ValueError(f"`logit_softcap` must be positive, got {logit_softcap}.")
     _checks.reduction(reduction)
+    acc = _reduce.compute_dtype(hidden.dtype, weight.dtype)
+    eps, eps_poison = _hyperparameter(label_smoothing, "label_smoothing", acc, UNIT_INTERVAL)
+    lam, lam_poison = _hyperparameter(z_loss, "z_loss", acc, NON_NEGATIVE)
+    chunk_size = _static_int(chunk_size, "chunk_size")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
 
     if axis_name is None:
         shards, offset = 1, jnp.zeros((), jnp.int32)
@@ -313,47 +721,148 @@ def linear_softmax_cross_entropy(
         shards = lax.axis_size(axis_name)
         offset = (lax.axis_index(axis_name) * local_vocab).astype(jnp.int32)
     full_vocab = local_vocab * shards
-    if vocab_size is None:
-        vocab_size = full_vocab
-    if not isinstance(vocab_size, int) or not 0 < vocab_size <= full_vocab:
+    vocab_size = full_vocab if vocab_size is None else vocab_size
+    if not _is_int(vocab_size) or not 0 < vocab_size <= full_vocab:
         raise ValueError(
             f"`vocab_size` must be an int in [1, {full_vocab}] (the columns of `weight`"
             f"{' over all shards' if shards > 1 else ''}), got {vocab_size!r}."
         )
+    vocab_size = int(vocab_size)
+    num_tokens = labels.size
     if chunk_size is None:
-        chunk = _vocab.auto_chunk(max(1, labels.size), local_vocab)
+        chunk = _vocab.auto_chunk(max(1, num_tokens), local_vocab)
     else:
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
         chunk = min(chunk_size, local_vocab)
+    rows = _vocab.auto_rows(num_tokens, local_vocab, None if chunk_size is None else chunk)
 
-    acc = _reduce.compute_dtype(hidden.dtype, weight.dtype)
-    weights, safe = _reduce.integer_label_weights(
+    if sample_weights is not None:
+        sample_weights = jnp.asarray(sample_weights)
+        if sample_weights.dtype == jnp.bool_:
+            sample_weights = sample_weights.astype(acc)
+    token_weights, safe = _reduce.integer_label_weights(
         labels, vocab_size, acc, ignore_index=ignore_index, sample_weights=sample_weights
     )
-    want_sum = not _checks.is_zero(label_smoothing)
-    cfg = _Config(chunk=chunk, softcap=logit_softcap, limit=vocab_size, want_sum=want_sum)
+    want_sum = eps is not None
+    cfg = _Config(
+        chunk=chunk,
+        rows=rows,
+        softcap=logit_softcap,
+        limit=vocab_size,
+        want_sum=want_sum,
+        want_argmax=bool(return_aux),
+        axis_name=axis_name,
+    )
 
-    x = hidden.reshape(-1, d_model)
-    y = safe.reshape(-1).astype(jnp.int32) - offset
-    y = jnp.where((y >= 0) & (y < local_vocab), y, -1)
+    x = hidden.reshape(num_tokens, d_model)
+    y = safe.reshape(num_tokens).astype(jnp.int32) - offset
+    owned = (y >= 0) & (y < local_vocab)
+    y = jnp.where(owned, y, -1)
     if axis_name is not None:
         # hidden is replicated over the vocabulary axis; mark it device-varying so that its
         # cotangent (a partial sum per shard) is summed over the axis by the transpose.
         x = _vocab.make_varying(x, (axis_name,))
-    lse, zy, total = _stats(cfg, x, weight, bias, y, offset)
-    if axis_name is not None:
-        # logsumexp over shards. The shift is a constant (pmax has no derivative rule, so it
-        # sees no tangent); psum, unlike all_gather, gives a result replicated over the axis.
-        peak = lax.pmax(lax.stop_gradient(lse), axis_name)
-        lse = peak + jnp.log(lax.psum(jnp.exp(lse - peak), axis_name))
-        zy = lax.psum(zy, axis_name)
-        total = lax.psum(total, axis_name)
-    lse, zy, total = (t.reshape(batch) for t in (lse, zy, total))
 
-    loss = lse - zy
-    if want_sum:
-        loss = (1 - label_smoothing) * loss + label_smoothing * (lse - total / vocab_size)
-    if not _checks.is_zero(z_loss):
-        loss = loss + z_loss * jnp.square(lse)
-    return _reduce.weigh_and_reduce(loss, weights, reduction)
+    # Per-token pieces of the formula: c_y, sum_k c_k (global under axis_name).
+    label_weight, weight_sum = None, None
+    if class_weights is not None:
+        picked = jnp.where(owned, class_weights[jnp.maximum(y, 0)], 0).astype(acc)
+        real = offset + lax.iota(jnp.int32, local_vocab) < vocab_size
+        weight_sum = jnp.sum(jnp.where(real, class_weights, 0)).astype(acc)
+        if axis_name is not None:
+            picked, weight_sum = lax.psum(picked, axis_name), lax.psum(weight_sum, axis_name)
+        label_weight = picked
+    token_weights = _reduce.ExampleWeights(
+        keep=token_weights.keep,
+        weight=token_weights.weight,
+        denominator=token_weights.denominator
+        if label_weight is None
+        else token_weights.weight * label_weight.reshape(batch),
+        invalid=token_weights.invalid,
+    )
+    alpha, beta, gamma = _coefficients(eps, label_weight, weight_sum, vocab_size, num_tokens, acc)
+    poison = _poison(eps_poison, lam_poison)
+
+    # The gradient-in-forward path re-reads the whole weight and the dW accumulator once per
+    # token tile; with small tiles (a large vocabulary) that costs more than the matmul it
+    # saves (measured on CPU, benchmarks/README.md), so the automatic choice wants few tiles.
+    few_tiles = rows >= _FAST_MIN_ROWS or rows == num_tokens
+    scalar = reduction != "none" and num_tokens > 0
+    if scalar and (chunk_size is not None or few_tiles):
+        return _fused_scalar(
+            cfg, x, weight, bias, class_weights, y, offset, token_weights, alpha, beta, gamma, lam,
+            poison, reduction, batch, return_aux,
+        )  # fmt: skip
+
+    lse, zy, total, m, best = _stats(cfg, x, weight, bias, class_weights, y, offset)
+    lse, zy, total, best = _combine(cfg, lse, zy, total, m, best)
+    raw = alpha * lse + beta * zy
+    if gamma is not None:
+        raw = raw + gamma * total
+    if lam is not None:
+        raw = raw + lam * jnp.square(lse)
+    if poison is not None:
+        raw = raw + poison
+    loss = _reduce.weigh_and_reduce(raw.reshape(batch), token_weights, reduction)
+    if not return_aux:
+        return loss
+    return loss, _aux(lse, best, lam, token_weights, batch)
+
+
+def _coefficients(eps, label_weight, weight_sum, vocab_size, n, acc):
+    """Unweighted ``(alpha, beta, gamma)`` of ``alpha L + beta z_y + gamma S`` per token."""
+    cy = jnp.ones((n,), acc) if label_weight is None else label_weight
+    if eps is None:
+        return cy, -cy, None
+    mass = vocab_size if weight_sum is None else weight_sum  # sum_k c_k
+    alpha = (1 - eps) * cy + eps * mass / vocab_size
+    return alpha, -(1 - eps) * cy, jnp.full((n,), -eps / vocab_size, acc)
+
+
+def _poison(*parts):
+    parts = [p for p in parts if p is not None]
+    return sum(parts[1:], parts[0]) if parts else None
+
+
+def _aux(lse, best, lam, token_weights, batch) -> LinearCrossEntropyAux:
+    lse = lse.reshape(batch)
+    if lam is None:
+        zterm = jnp.zeros(batch, lse.dtype)
+    else:
+        zterm = jnp.where(token_weights.keep, lam * jnp.square(lse), jnp.zeros((), lse.dtype))
+    return LinearCrossEntropyAux(lse=lse, z_loss=zterm, argmax=best.reshape(batch))
+
+
+def _fused_scalar(
+    cfg, x, w, b, u, y, offset, token_weights, alpha, beta, gamma, lam, poison, reduction, batch,
+    return_aux,
+):  # fmt: skip
+    """A scalar reduction through the gradient-in-forward core."""
+    flat = lambda a: a.reshape(-1)  # noqa: E731
+    # Tokens that count: kept, nonzero weight, valid label (a bad label poisons below).
+    bad = flat(token_weights.invalid) if token_weights.invalid is not None else None
+    keep = flat(token_weights.keep) & (flat(token_weights.weight) != 0)
+    if bad is not None:
+        keep = keep & ~bad
+    weight = flat(token_weights.weight)
+    coef = _Coef(
+        alpha=weight * alpha,
+        beta=weight * beta,
+        gamma=None if gamma is None else weight * gamma,
+        zeta=None if lam is None else weight * lam,
+    )
+    total, lse, best = _total(cfg, x, w, b, u, y, offset, keep, coef)
+    nan = jnp.full((), jnp.nan, total.dtype)
+    if bad is not None:
+        total = total + jnp.where(jnp.any(bad), nan, jnp.zeros((), total.dtype))
+    if poison is not None:
+        total = total + poison
+    denominator = jnp.sum(token_weights.denominator).astype(total.dtype)
+    if reduction == "sum":
+        loss = total
+    elif reduction == "sum_and_weight":
+        loss = (total, denominator)
+    else:
+        loss = _reduce.weighted_mean(total, denominator)
+    if not return_aux:
+        return loss
+    return loss, _aux(lse, best, lam, token_weights, batch)

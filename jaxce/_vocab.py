@@ -82,3 +82,37 @@ def varying_like(arrays, *refs):
     if not axes:
         return arrays
     return jax.tree.map(lambda a: make_varying(a, axes), arrays)
+
+
+# ------------------------------------------------------------------ token tiles (added)
+
+# Automatic token tile of a gradient-in-forward scan (tokens x whole local vocabulary): about
+# twice the elements of a vocabulary tile, since fewer, larger tiles amortise packing the
+# whole weight for each tile's matmuls, and at least MIN_ROWS tokens.
+ROW_TILE_ELEMENTS = 2 * TILE_ELEMENTS
+MIN_ROWS = 128
+
+
+def auto_rows(num_tokens: int, vocab: int, chunk: int | None = None) -> int:
+    """Tokens per tile for a scan over token tiles against all ``vocab`` columns.
+
+    With an explicit ``chunk`` (columns per vocabulary tile) the token tile has as many
+    elements as that vocabulary tile: ``chunk * num_tokens / vocab`` rows.
+    """
+    if chunk is None:
+        rows = max(MIN_ROWS, ROW_TILE_ELEMENTS // max(vocab, 1) // 8 * 8)
+    else:
+        rows = chunk * max(num_tokens, 1) // max(vocab, 1)
+    return max(1, min(rows, num_tokens))
+
+
+def varying_axes(*refs) -> frozenset:
+    """The union of the mesh axes over which any of ``refs`` is device-varying."""
+    return frozenset().union(*(_varying_axes(r) for r in refs if r is not None))
+
+
+def varying_over(arrays, axes):
+    """Marks fresh scan carries device-varying over exactly ``axes`` (no-op when empty)."""
+    if not axes:
+        return arrays
+    return jax.tree.map(lambda a: make_varying(a, axes), arrays)

@@ -1,0 +1,100 @@
+"""One process of a two-process, vocab-parallel ``linear_softmax_cross_entropy`` run.
+
+``tests/test_linear_multiprocess.py`` starts two of these on localhost::
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+        python tests/multiprocess_linear_check.py PROCESS_ID NUM_PROCESSES PORT
+
+Each joins JAX's distributed runtime (``jax.distributed.initialize``, CPU collectives through
+gloo), builds one global ``(data, vocab)`` mesh over the 2 x 2 devices, places its part of the
+global arrays, runs the vocab-parallel loss and its gradients under ``jit`` and checks every
+shard it holds against the single-process unsharded result computed on its own local device.
+Prints ``ok <process_id>`` on success.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import jax
+import numpy as np
+
+import jaxce
+
+P = jax.sharding.PartitionSpec
+N, D, V = 32, 16, 96
+OPTIONS = {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-3}
+
+
+def data():
+    r = np.random.default_rng(0)  # the same arrays in every process
+    h = r.normal(size=(N, D)).astype(np.float32)
+    w = (r.normal(size=(D, V)) / 3).astype(np.float32)
+    b = r.normal(size=V).astype(np.float32)
+    cw = r.uniform(0.5, 2.0, size=V).astype(np.float32)
+    y = r.integers(0, V, size=N).astype(np.int32)
+    y[::5] = -100
+    return h, w, b, cw, y
+
+
+def loss_of(axis_name=None):
+    def loss(h, w, b, cw, y):
+        total, count = jaxce.linear_softmax_cross_entropy(
+            h, w, y, bias=b, class_weights=cw, reduction="sum_and_weight",
+            axis_name=axis_name, chunk_size=16, **OPTIONS,
+        )  # fmt: skip
+        if axis_name is not None:
+            total, count = jax.lax.psum(total, "data"), jax.lax.psum(count, "data")
+        return jaxce.weighted_mean(total, count)
+
+    return loss
+
+
+def main(process_id: int, num_processes: int, port: int) -> None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=f"localhost:{port}",
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=30,
+    )
+    assert jax.process_count() == num_processes and len(jax.devices()) == 2 * num_processes
+    arrays = data()
+
+    local = jax.local_devices()[0]
+    reference = jax.jit(jax.value_and_grad(loss_of(), argnums=(0, 1, 2, 3)))(
+        *(jax.device_put(a, local) for a in arrays)
+    )
+    value_want, grads_want = jax.tree.map(np.asarray, reference)
+
+    mesh = jax.make_mesh((num_processes, 2), ("data", "vocab"))
+    specs = (P("data", None), P(None, "vocab"), P("vocab"), P("vocab"), P("data"))
+
+    def global_array(a, spec):
+        sharding = jax.NamedSharding(mesh, spec)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    args = [global_array(a, s) for a, s in zip(arrays, specs, strict=True)]
+    sharded = functools.partial(jax.shard_map, mesh=mesh, in_specs=specs, out_specs=P())(
+        loss_of("vocab")
+    )
+    value, grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2, 3)))(*args)
+
+    tol = {"rtol": 1e-5, "atol": 1e-6}
+    for shard in value.addressable_shards:
+        np.testing.assert_allclose(np.asarray(shard.data), value_want, **tol)
+    for name, got, want in zip(
+        ("hidden", "weight", "bias", "class_weights"), grads, grads_want, strict=True
+    ):
+        assert got.shape == want.shape, (name, got.shape)
+        for shard in got.addressable_shards:
+            np.testing.assert_allclose(
+                np.asarray(shard.data), want[shard.index], err_msg=name, **tol
+            )
+    print("ok", process_id, flush=True)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
