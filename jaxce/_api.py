@@ -35,12 +35,13 @@ def public(
     static: Sequence[str] = (),
     optional: Sequence[str] = (),
     domains: Mapping[str, _checks.Domain] | None = None,
-    reverse_mode_only: bool = False,
+    reverse_mode_only: str | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorator: ``jax.jit`` with static ``static`` options and eager parameter checks.
 
-    ``reverse_mode_only`` (the fused losses, whose core is a ``custom_vjp``): forward-mode
-    differentiation fails with a message naming the function and the alternative.
+    ``reverse_mode_only`` (the fused losses, whose core is a ``custom_vjp``) names the
+    materialised alternative: forward-mode differentiation fails with a message naming the
+    function and it.
     """
     static = tuple(static)
     optional = tuple(optional)
@@ -64,7 +65,7 @@ def public(
                 if name in given and _checks.is_zero(given[name]):
                     given[name] = None
             traced = any(isinstance(v, core.Tracer) for v in jax.tree.leaves(given))
-            if not reverse_mode_only:
+            if reverse_mode_only is None:
                 return compiled[traced](**given)
             try:
                 return compiled[traced](**given)
@@ -74,8 +75,7 @@ def public(
                 raise TypeError(
                     f"jaxce.{fn.__name__} supports reverse-mode differentiation only "
                     "(jax.grad, jax.value_and_grad, jax.vjp, under jit, vmap and checkpoint); "
-                    "for jax.jvp or forward-over-reverse use the materialised loss on "
-                    "`hidden @ weight + bias`."
+                    f"for jax.jvp or jax.jacfwd use the materialised {reverse_mode_only}."
                 ) from err
 
         return call

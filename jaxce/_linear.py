@@ -256,6 +256,8 @@ def _combine(cfg: _Config, lse, zy, total, m, best):
         m = lax.stop_gradient(m)
         top = lax.pmax(m, axis)
         best = lax.pmin(jnp.where(m == top, best, jnp.iinfo(jnp.int32).max), axis)
+    else:  # unused, but replicated over the axis like the other outputs (custom_vjp types)
+        best = lax.pmin(best, axis)
     return lse, zy, total, best
 
 
@@ -497,7 +499,9 @@ def _static_int(value, name: str):
     ),
     optional=("label_smoothing", "z_loss"),
     domains={"label_smoothing": UNIT_INTERVAL, "z_loss": NON_NEGATIVE, "chunk_size": POSITIVE},
-    reverse_mode_only=True,
+    reverse_mode_only=(
+        "jaxce.softmax_cross_entropy_with_integer_labels(hidden @ weight + bias, labels, ...)"
+    ),
 )
 def linear_softmax_cross_entropy(
     hidden: ArrayLike,

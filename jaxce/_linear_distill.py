@@ -492,7 +492,7 @@ def _prepare(
 @_api.public(
     static=("reduction", "chunk_size", "axis_name", "vocab_size"),
     domains={"temperature": POSITIVE},
-    reverse_mode_only=True,
+    reverse_mode_only="jaxce.softmax_kl_divergence(hidden @ weight + bias, ...)",
 )
 def linear_softmax_kl_divergence(
     hidden: ArrayLike,
@@ -642,7 +642,7 @@ def linear_softmax_kl_divergence(
 @_api.public(
     static=("reduction", "chunk_size", "axis_name", "vocab_size"),
     domains={"temperature": POSITIVE, "beta": UNIT_INTERVAL},
-    reverse_mode_only=True,
+    reverse_mode_only="jaxce.js_divergence(student_logits / T, teacher_logits / T, ...)",
 )
 def linear_js_divergence(
     hidden: ArrayLike,
