@@ -272,6 +272,7 @@ def test_focal_weights_and_reductions(rng, reduction):
     assert_close(got, ref_focal(x, y, alpha=0.25, sw=sw, reduction=reduction), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opts", BINARY_FOCAL_OPTIONS[1:3])
 def test_focal_grads(rng, opts):
     x, y = binary_data(rng)

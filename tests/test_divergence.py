@@ -245,7 +245,16 @@ GRAD_CASES = {
 GRAD_MASK = np.array([[True, True, False, True]] * N)
 
 
-@pytest.mark.parametrize("name", sorted(GRAD_CASES))
+_SLOW_GRADS = {"binary_entropy", "entropy_where", "js", "softmax_kl"}  # > 3 s each on 2 cores
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_GRADS else n
+        for n in sorted(GRAD_CASES)
+    ],
+)
 def test_grads(rng, name):
     a = rng.normal(size=(N, C))
     b = probability_targets(rng, (N, C))

@@ -4,6 +4,7 @@ smoothing, sigmoid BCE and focal loss, KL divergence. Skipped where optax is not
 the core tests (``test_softmax.py``, ``test_binary.py``, ``test_divergence.py``) do not need it.
 """
 
+import jax
 import numpy as np
 import pytest
 from helpers import (
@@ -26,29 +27,32 @@ C = SOFTMAX_SHAPE[1]
 def test_optax_parity_for_shared_names():
     x, y, t, mask, *_ = softmax_data(20)
     row_keep = np.array([True, True, False, True, True, False])
-    pairs = [
-        (jaxce.softmax_cross_entropy(x, t), optax.softmax_cross_entropy(x, t)),
-        (
-            jaxce.softmax_cross_entropy(x, t, where=mask),
-            optax.softmax_cross_entropy(x, t, where=mask),
-        ),
-        (
-            jaxce.softmax_cross_entropy(x, t, -1, row_keep),
-            optax.softmax_cross_entropy(x, t, -1, row_keep),
-        ),
-        (
-            jaxce.softmax_cross_entropy_with_integer_labels(x, y),
-            optax.softmax_cross_entropy_with_integer_labels(x, y),
-        ),
-        (
-            jaxce.softmax_cross_entropy_with_integer_labels(x, y, -1, mask),
-            optax.softmax_cross_entropy_with_integer_labels(x, y, -1, mask),
-        ),
-        (
-            jaxce.softmax_cross_entropy_with_integer_labels(x, y, -1, row_keep),
-            optax.softmax_cross_entropy_with_integer_labels(x, y, -1, row_keep),
-        ),
-    ]
+    # one compile for the whole comparison: optax's losses run op by op when called eagerly
+    pairs = jax.jit(
+        lambda x, y, t, mask, row_keep: [
+            (jaxce.softmax_cross_entropy(x, t), optax.softmax_cross_entropy(x, t)),
+            (
+                jaxce.softmax_cross_entropy(x, t, where=mask),
+                optax.softmax_cross_entropy(x, t, where=mask),
+            ),
+            (
+                jaxce.softmax_cross_entropy(x, t, -1, row_keep),
+                optax.softmax_cross_entropy(x, t, -1, row_keep),
+            ),
+            (
+                jaxce.softmax_cross_entropy_with_integer_labels(x, y),
+                optax.softmax_cross_entropy_with_integer_labels(x, y),
+            ),
+            (
+                jaxce.softmax_cross_entropy_with_integer_labels(x, y, -1, mask),
+                optax.softmax_cross_entropy_with_integer_labels(x, y, -1, mask),
+            ),
+            (
+                jaxce.softmax_cross_entropy_with_integer_labels(x, y, -1, row_keep),
+                optax.softmax_cross_entropy_with_integer_labels(x, y, -1, row_keep),
+            ),
+        ]
+    )(x, y, t, mask, row_keep)
     for ours, theirs in pairs:
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
 

@@ -135,7 +135,9 @@ def test_integer_ce_matches_float64_reference(name, reduction):
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
 
 
-@pytest.mark.parametrize("name", ["plain", "everything", "smoothing_weights"])
+@pytest.mark.parametrize(
+    "name", ["plain", pytest.param("everything", marks=pytest.mark.slow), "smoothing_weights"]
+)
 def test_integer_ce_grads_order_2(name):
     x, y, _, mask, cw, sw = softmax_data(2)
     kw, _ = _integer_call(INTEGER_OPTIONS[name], x, y, mask, cw, sw)
@@ -305,7 +307,7 @@ def test_soft_ce_matches_float64_reference(name, reduction):
     )
 
 
-@pytest.mark.parametrize("name", ["plain", "everything"])
+@pytest.mark.parametrize("name", ["plain", pytest.param("everything", marks=pytest.mark.slow)])
 def test_soft_ce_grads_order_2(name):
     x, _, t, mask, cw, sw = softmax_data(11)
     kw, _ = _soft_call(SOFT_OPTIONS[name], mask, cw, sw)
@@ -378,13 +380,18 @@ def test_softmax_focal_matches_reference(gamma, alpha):
     )
 
 
-def test_softmax_focal_gamma_zero_is_cross_entropy_and_grads():
+def test_softmax_focal_gamma_zero_is_cross_entropy():
     x, y, *_ = softmax_data(16)
     np.testing.assert_allclose(
         jaxce.softmax_focal_loss(x, y, gamma=0.0),
         jaxce.softmax_cross_entropy_with_integer_labels(x, y),
         rtol=1e-6,
     )
+
+
+@pytest.mark.slow
+def test_softmax_focal_grads():
+    x, y, *_ = softmax_data(16)
     check_grads_2(lambda v: jaxce.softmax_focal_loss(v, y, gamma=1.5, reduction="sum"), (x,))
     check_grads_2(
         lambda v: jaxce.softmax_focal_loss(v, y, gamma=0.5, ignore_index=y[0], reduction="mean"),
