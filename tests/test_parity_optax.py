@@ -114,10 +114,9 @@ def test_sigmoid_bce_matches_optax(rng):
 @pytest.mark.parametrize("opts", BINARY_FOCAL_OPTIONS)
 @pytest.mark.parametrize("soft", [False, True])
 def test_sigmoid_focal_matches_optax(rng, opts, soft):
-    x, y = binary_data(rng, soft=soft)
-    x32, y32 = x.astype(np.float32), y.astype(np.float32)
-    got = jaxce.sigmoid_focal_loss(x32, y32, **opts)
-    assert_close(got, optax.sigmoid_focal_loss(x32, y32, **opts), rtol=1e-5, atol=1e-6)
+    x, y = (v.astype(np.float32) for v in binary_data(rng, soft=soft))
+    want = optax.sigmoid_focal_loss(x, y, **opts)
+    assert_close(jaxce.sigmoid_focal_loss(x, y, **opts), want, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- divergences
