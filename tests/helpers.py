@@ -1,0 +1,150 @@
+"""JAX-side test machinery shared by the test modules: gradient checks, tolerances, transforms,
+and the inputs that a family's core tests and its parity tests draw alike.
+
+The float64 references themselves live in ``reference.py``, which imports only NumPy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.test_util import check_grads
+from reference import log_softmax
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_grads_2(f, args, eps=1e-4, atol=1e-5, rtol=1e-5):
+    """``check_grads`` to order 2 in forward and reverse mode, in float64.
+
+    ``args`` are NumPy arrays; they are converted to float64 JAX arrays inside ``enable_x64``.
+    ``f`` is jitted first: differentiating a jitted function compiles each derivative once,
+    where eager evaluation would compile every primitive separately (minutes per test on CI).
+    """
+    with jax.enable_x64(True):
+        jargs = tuple(jnp.asarray(np.asarray(a, np.float64)) for a in args)
+        check_grads(jax.jit(f), jargs, order=2, modes=("fwd", "rev"), eps=eps, atol=atol, rtol=rtol)
+
+
+def check_half_precision_policy(f, a, b, dtype, rtol, atol):
+    """``f(a, b)`` on ``dtype`` inputs: a float32 result equal to ``f`` on the same values in
+    float32, and a gradient with respect to ``a`` in ``dtype`` (the contract's precision rule).
+    """
+    ah, bh = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    got = f(ah, bh)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(
+        got, f(np.asarray(ah, np.float32), np.asarray(bh, np.float32)), rtol=rtol, atol=atol
+    )
+    assert jax.grad(lambda v: jnp.sum(f(v, bh)))(ah).dtype == dtype
+
+
+def assert_close(got, want, rtol=1e-5, atol=1e-6):
+    """``assert_allclose`` for an array or for matching tuples of arrays."""
+    if isinstance(want, tuple):
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(g), w, rtol=rtol, atol=atol)
+    else:
+        np.testing.assert_allclose(np.asarray(got), want, rtol=rtol, atol=atol)
+
+
+def assert_transforms_match_eager(f, *args, rtol=1e-5, atol=1e-6):
+    """``f(*args)`` under one ``jit`` equals the eager call, plain, vmapped over the leading
+    axis, vmapped over axis 1 and under ``checkpoint``."""
+    eager = np.asarray(f(*args))
+    transformed = jax.jit(
+        lambda *args: (
+            f(*args),
+            jax.vmap(f)(*args),
+            jax.vmap(f, in_axes=1, out_axes=1)(*args),
+            jax.checkpoint(f)(*args),
+        )
+    )(*args)
+    for got in transformed:
+        assert_close(got, eager, rtol=rtol, atol=atol)
+
+
+def derivatives(f):
+    """One jitted function returning, for ``f(x, *params)``, the value, the reverse-mode
+    gradient of ``sum(f)``, the forward-mode derivative of ``f`` along ones, and their
+    derivatives along ones (fwd over rev, fwd over fwd), all w.r.t. ``x``. Parameters are
+    traced, so parametrized cases share one compile."""
+
+    def run(x, *params):
+        g = lambda x: f(x, *params)
+        ones = jnp.ones_like(x)
+        rev = jax.grad(lambda x: jnp.sum(g(x)))
+        fwd = lambda x: jax.jvp(g, (x,), (ones,))[1]
+        return (
+            g(x),
+            rev(x),
+            fwd(x),
+            jax.jvp(rev, (x,), (ones,))[1],
+            jax.jvp(fwd, (x,), (ones,))[1],
+        )
+
+    return jax.jit(run)
+
+
+# ----------------------------------------------------------------------------- shared inputs
+REDUCTIONS = ("none", "sum", "mean")
+
+SOFTMAX_SHAPE = (6, 5)  # (examples, classes)
+
+
+def softmax_data(seed=0, n=SOFTMAX_SHAPE[0], c=SOFTMAX_SHAPE[1], scale=2.0):
+    """Logits, integer labels, probability targets, a class mask keeping each label, class
+    weights and sample weights for the softmax family, float32."""
+    rng = np.random.default_rng(seed)
+    x = (scale * rng.normal(size=(n, c))).astype(np.float32)
+    y = rng.integers(0, c, size=n).astype(np.int32)
+    t = rng.dirichlet(np.ones(c), size=n).astype(np.float32)
+    mask = rng.uniform(size=(n, c)) > 0.3
+    mask[np.arange(n), y] = True
+    cw = rng.uniform(0.5, 2.0, size=c).astype(np.float32)
+    sw = rng.uniform(0.0, 2.0, size=n).astype(np.float32)
+    return x, y, t, mask, cw, sw
+
+
+BINARY_SHAPE = (3, 4)  # also the divergence tests' shape: eagerly compiled primitives are shared
+
+
+def binary_data(rng, soft=True):
+    """Logits (scale 3) and soft or hard {0, 1} labels of ``BINARY_SHAPE``, float64."""
+    x = rng.normal(size=BINARY_SHAPE) * 3
+    y = (
+        rng.uniform(size=BINARY_SHAPE)
+        if soft
+        else (rng.uniform(size=BINARY_SHAPE) > 0.5).astype(float)
+    )
+    return x, y
+
+
+BINARY_FOCAL_OPTIONS = [
+    {"gamma": 2.0},
+    {"gamma": 0.0},
+    {"gamma": 1.5, "alpha": 0.25},
+    {"gamma": 2.0, "alpha": np.array([[0.1, 0.5, 0.75, 0.9]])},
+]
+
+
+def probability_targets(rng, shape):
+    """Rows of a probability distribution bounded away from 0."""
+    p = rng.uniform(0.1, 1.0, size=shape)
+    return p / p.sum(-1, keepdims=True)
+
+
+def divergence_inputs(rng, kind, shape=BINARY_SHAPE):
+    """A first argument (log-predictions when ``kind`` is "probs" or "log_probs", else logits)
+    and a second of ``kind``: None (unused), "logits", "probs" or "log_probs"; float64."""
+    a = rng.normal(size=shape) * 2
+    if kind in ("probs", "log_probs"):
+        a = log_softmax(a)  # log-predictions
+    b = {
+        None: rng.normal(size=shape),
+        "logits": rng.normal(size=shape) * 2,
+        "probs": probability_targets(rng, shape),
+        "log_probs": np.log(probability_targets(rng, shape)),
+    }[kind]
+    return a, b
