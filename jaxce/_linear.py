@@ -452,8 +452,13 @@ def _total_bwd(cfg, res, cotangents):
         gamma=None if coef.gamma is None else kept(tot),
         zeta=None if coef.zeta is None else kept(jnp.square(lse)),
     )
+    # A coefficient replicated over a mesh axis the statistics vary over (ones, when nothing
+    # is weighted) gets the sum of its per-device cotangents, as the transpose of pcast would.
     d_coef = _Coef(
-        *(None if c is None else c.astype(r.dtype) for c, r in zip(d_coef, coef, strict=True))
+        *(
+            None if c is None else _vocab.sum_over_extra_axes(c.astype(r.dtype), r)
+            for c, r in zip(d_coef, coef, strict=True)
+        )
     )
     return dx, dw, db, du, None, None, None, d_coef
 

@@ -698,9 +698,9 @@ class CrossEntropyLoss(_Loss):
     r"""``torch.nn.CrossEntropyLoss``: :func:`cross_entropy` with options fixed at construction.
 
     .. math::
-      \ell_n = (1 - arepsilon)\, w_{y_n} (-\log p_{n, y_n})
-               + rac{arepsilon}{C} \sum_c w_c (-\log p_{n, c}),
-      \qquad p = \operatorname{softmax}(	ext{input}) 	ext{ over axis 1}
+      \ell_n = (1 - \varepsilon)\, w_{y_n} (-\log p_{n, y_n})
+               + \frac{\varepsilon}{C} \sum_c w_c (-\log p_{n, c}),
+      \qquad p = \operatorname{softmax}(\text{input}) \text{ over axis 1}
 
     A JAX pytree: ``weight`` is a leaf (traced when the module is passed into a jitted
     function, differentiable), ``ignore_index``, ``reduction`` and ``label_smoothing`` are
@@ -712,7 +712,7 @@ class CrossEntropyLoss(_Loss):
       ignore_index: class index whose targets are dropped.
       reduce: deprecated, as in PyTorch.
       reduction: ``"none"``, ``"mean"`` or ``"sum"``.
-      label_smoothing: :math:`arepsilon \in [0, 1]`.
+      label_smoothing: :math:`\varepsilon \in [0, 1]`.
 
     Calling ``criterion(input, target)`` returns :func:`cross_entropy`'s result: per-example
     losses of ``input``'s shape without axis 1 (``"none"``) or a scalar, float32 for
@@ -808,7 +808,7 @@ class BCELoss(_Loss):
     r"""``torch.nn.BCELoss``: :func:`binary_cross_entropy` with options fixed at construction.
 
     .. math::
-      \ell_i = -w_i ig(y_i \max(\log x_i, -100) + (1 - y_i) \max(\log(1 - x_i), -100)ig)
+      \ell_i = -w_i \big(y_i \max(\log x_i, -100) + (1 - y_i) \max(\log(1 - x_i), -100)\big)
 
     A JAX pytree: ``weight`` is a leaf, ``reduction`` static aux data.
 
@@ -850,7 +850,7 @@ class BCEWithLogitsLoss(_Loss):
     r"""``torch.nn.BCEWithLogitsLoss``: :func:`binary_cross_entropy_with_logits`, options fixed.
 
     .. math::
-      \ell_i = -w_i ig(w_{+,i}\, y_i \log \sigma(x_i) + (1 - y_i) \log(1 - \sigma(x_i))ig)
+      \ell_i = -w_i \big(w_{+,i}\, y_i \log \sigma(x_i) + (1 - y_i) \log(1 - \sigma(x_i))\big)
 
     A JAX pytree: ``weight`` and ``pos_weight`` are leaves, ``reduction`` static aux data.
 
@@ -897,7 +897,7 @@ class KLDivLoss(_Loss):
     r"""``torch.nn.KLDivLoss``: :func:`kl_div` with options fixed at construction.
 
     .. math::
-      \ell_i = p_i ig(\log p_i - \log q_iig)
+      \ell_i = p_i \big(\log p_i - \log q_i\big)
 
     A JAX pytree with no leaves: ``reduction`` and ``log_target`` are static aux data.
 
