@@ -231,9 +231,7 @@ def value_check(ok: jax.Array, message: str, **values: Any) -> None:
         checkify.debug_check(ok, message, **values)
 
 
-def hyperparameter(
-    value: Any, name: str, dtype, domain: Domain | None = None
-) -> tuple[jax.Array, jax.Array | None]:
+def hyperparameter(value: Any, name: str, dtype, domain: Domain) -> tuple[jax.Array, jax.Array]:
     """``(value in dtype, where it leaves domain)``: the traced half of the domain rule."""
     value = as_hyperparameter(value, name, dtype)
-    return value, None if domain is None else outside_domain(value, name, domain)
+    return value, outside_domain(value, name, domain)

@@ -455,7 +455,7 @@ def _total_bwd(cfg, res, cotangents):
     # A coefficient replicated over a mesh axis the statistics vary over (ones, when nothing
     # is weighted) gets the sum of its per-device cotangents, as the transpose of pcast would.
     d_coef = _Coef(
-        *(
+        *(  # type: ignore[arg-type]
             None if c is None else _vocab.sum_over_extra_axes(c.astype(r.dtype), r)
             for c, r in zip(d_coef, coef, strict=True)
         )
@@ -802,7 +802,7 @@ def linear_softmax_cross_entropy(
             poison, reduction, batch, return_aux,
         )  # fmt: skip
 
-    lse, zy, total, m, best = _stats(cfg, x, weight, bias, class_weights, y, offset)
+    lse, zy, total, m, best = _stats(cfg, x, weight, bias, class_weights, y, offset)  # type: ignore[misc]
     lse, zy, total, best = _combine(cfg, lse, zy, total, m, best)
     raw = alpha * lse + beta * zy
     if gamma is not None:
@@ -859,7 +859,7 @@ def _fused_scalar(
         gamma=None if gamma is None else weight * gamma,
         zeta=None if lam is None else weight * lam,
     )
-    total, lse, best = _total(cfg, x, w, b, u, y, offset, keep, coef)
+    total, lse, best = _total(cfg, x, w, b, u, y, offset, keep, coef)  # type: ignore[misc]
     nan = jnp.full((), jnp.nan, total.dtype)
     if bad is not None:
         total = total + jnp.where(jnp.any(bad), nan, jnp.zeros((), total.dtype))

@@ -635,7 +635,7 @@ def linear_softmax_kl_divergence(
         vocab_size,
     )
     t = _hyperparameter(temperature, "temperature", prep.acc, POSITIVE)
-    kl = _kl(prep.cfg, prep.ops, 1 / t, prep.offset)
+    kl: Array = _kl(prep.cfg, prep.ops, 1 / t, prep.offset)  # type: ignore[assignment]
     return _reduce.weigh_and_reduce(jnp.square(t) * kl.reshape(prep.batch), prep.weights, reduction)
 
 
@@ -748,5 +748,5 @@ def linear_js_divergence(
     )
     t = _hyperparameter(temperature, "temperature", prep.acc, POSITIVE)
     b = _hyperparameter(beta, "beta", prep.acc, UNIT_INTERVAL)
-    js = _js(prep.cfg, prep.ops, 1 / t, b, prep.offset)
+    js: Array = _js(prep.cfg, prep.ops, 1 / t, b, prep.offset)  # type: ignore[assignment]
     return _reduce.weigh_and_reduce(js.reshape(prep.batch), prep.weights, reduction)

@@ -119,7 +119,7 @@ def _legacy_reduction(size_average: bool | None, reduce: bool | None, reduction:
 
 def _is_concrete(*xs) -> bool:
     """True when no argument is a tracer: values are known and may be validated eagerly."""
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+    return not any(_checks.is_tracer(x) for x in xs)
 
 
 def _reduction(reduction: str, allowed=_REDUCTIONS) -> str:
@@ -335,7 +335,7 @@ def cross_entropy(
             f"`target` must hold class indices (integer dtype) or probabilities (floating "
             f"dtype), got {target.dtype}."
         )
-    return out if reduction == "none" else _reduce_parts(out, reduction)
+    return out if reduction == "none" else _reduce_parts(out, reduction)  # type: ignore[return-value]
 
 
 def nll_loss(
@@ -403,7 +403,7 @@ def nll_loss(
         class_weights=weight,
         reduction="none" if reduction == "none" else "sum_and_weight",
     )
-    return out if reduction == "none" else _reduce_parts(out, reduction)
+    return out if reduction == "none" else _reduce_parts(out, reduction)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------

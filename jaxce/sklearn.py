@@ -27,7 +27,7 @@ __all__ = ["log_loss"]
 
 
 def _is_concrete(*xs) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+    return not any(_checks.is_tracer(x) for x in xs)
 
 
 def _classes(y_true: Array, labels, num_columns: int) -> np.ndarray:
