@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import string
 import time
 from collections.abc import Iterator
 
@@ -204,3 +205,21 @@ def shuffled_batches(
             order, cursor = rng.permutation(num_examples), 0
         yield order[cursor : cursor + batch_size]
         cursor += batch_size
+
+
+# Characters of the text examples: newline, letters, digits, punctuation, space.
+ALPHABET = "\n" + string.printable[:-5]
+
+
+def load_stdlib_source(modules: tuple[str, ...]) -> str:
+    """The source of ``modules`` from the running interpreter's standard library (no download)."""
+    root = os.path.dirname(os.__file__)
+    texts = []
+    for name in modules:
+        path = os.path.join(root, name)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                texts.append(f.read())
+    if not texts:
+        raise FileNotFoundError(f"none of {modules} found under {root}")
+    return "\n\n".join(texts).replace("\t", "    ")

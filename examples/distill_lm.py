@@ -29,35 +29,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import string
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _training_support import ALPHABET, load_stdlib_source
 from flax import nnx
 from tqdm.auto import tqdm
 
 import jaxce
 
 MODULES = ("textwrap.py", "string.py", "bisect.py", "heapq.py", "fnmatch.py", "shlex.py")
-ALPHABET = "\n" + string.printable[:-5]  # newline, letters, digits, punctuation, space
 UNKNOWN = "?"
 
 
 def load_corpus() -> str:
     """Source of ``MODULES`` from the running interpreter's standard library."""
-    root = os.path.dirname(os.__file__)
-    texts = []
-    for name in MODULES:
-        path = os.path.join(root, name)
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                texts.append(f.read())
-    if not texts:
-        raise FileNotFoundError(f"none of {MODULES} found under {root}")
-    return "\n\n".join(texts).replace("\t", "    ")
+    return load_stdlib_source(MODULES)
 
 
 def encode(text: str) -> tuple[np.ndarray, int]:

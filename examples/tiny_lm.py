@@ -19,14 +19,19 @@ text) and prints a sampled continuation. Writes ``tiny_lm.png`` (loss curve) and
 
 from __future__ import annotations
 
-import os
-import string
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _training_support import MetricHistory, ScriptRun, command_line, count_params, figure
+from _training_support import (
+    ALPHABET,
+    MetricHistory,
+    ScriptRun,
+    command_line,
+    count_params,
+    figure,
+    load_stdlib_source,
+)
 from flax import nnx
 
 import jaxce
@@ -47,22 +52,12 @@ MODULES = (
 )
 PAD = 0  # token id used for padding; never a target
 IGNORE = -1  # label of padded positions
-ALPHABET = "\n" + string.printable[:-5]  # newline, letters, digits, punctuation, space
 UNKNOWN = "?"
 
 
 def load_corpus() -> str:
     """Source of ``MODULES`` from the running interpreter's standard library."""
-    root = os.path.dirname(os.__file__)
-    texts = []
-    for name in MODULES:
-        path = os.path.join(root, name)
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                texts.append(f.read())
-    if not texts:
-        raise FileNotFoundError(f"none of {MODULES} found under {root}")
-    return "\n\n".join(texts).replace("\t", "    ")
+    return load_stdlib_source(MODULES)
 
 
 class Tokenizer:

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import pathlib
+import sys
 
 import pytest
 
@@ -14,6 +15,8 @@ pytest.importorskip("tqdm")
 
 
 def load_example():
+    if str(EXAMPLE.parent) not in sys.path:  # for the shared _training_support
+        sys.path.insert(0, str(EXAMPLE.parent))
     spec = importlib.util.spec_from_file_location("examples_distill_lm", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
