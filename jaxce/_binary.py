@@ -159,7 +159,8 @@ def sigmoid_binary_cross_entropy(
 def _clamped_log(p: Array) -> Array:
     """``max(log p, -100)`` with a finite gradient: 0 where the clamp is active, including
     ``p = 0`` and probabilities below the dtype's smallest normal number (which count as 0).
-    NaN stays NaN."""
+    NaN stays NaN.
+    """
     live = ~(p < jnp.finfo(p.dtype).tiny)
     log_p = jnp.log(jnp.where(live, p, jnp.ones((), p.dtype)))
     live = live & ~(log_p <= _LOG_CLAMP)

@@ -14,7 +14,8 @@ ArrayLike = jax.typing.ArrayLike
 
 def _unit_rows(x: Array) -> Array:
     """Rows scaled to unit norm; a norm below ``sqrt(eps)`` is taken as ``sqrt(eps)`` (optax's
-    ``cosine_similarity(epsilon=eps)``, so a zero embedding has similarity 0 to everything)."""
+    ``cosine_similarity(epsilon=eps)``, so a zero embedding has similarity 0 to everything).
+    """
     squared_norm = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
     return x / jnp.sqrt(jnp.maximum(squared_norm, jnp.finfo(x.dtype).eps))
 

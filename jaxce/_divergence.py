@@ -1,9 +1,9 @@
-"""Information-theoretic losses: entropies, KL divergences (plain, log-target, distillation), JSD.
+r"""Information-theoretic losses: entropies, KL divergences (plain, log-target, distillation), JSD.
 
 Every function here is its formula plus calls into the shared modules: the class axis,
 ``where``, ``sample_weights``, reductions and the dtype policy work as in the softmax family.
-Sums of the form :math:`\\sum_c p_c (\\log p_c - \\log q_c)` go through
-``_numerics.weighted_log_ratio``, which makes ``0 \\log 0 = 0`` hold in the value and in every
+Sums of the form :math:`\sum_c p_c (\log p_c - \log q_c)` go through
+``_numerics.weighted_log_ratio``, which makes ``0 \log 0 = 0`` hold in the value and in every
 gradient while a NaN still gives NaN.
 """
 

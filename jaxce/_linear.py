@@ -78,7 +78,7 @@ def _cap(cfg: _Config, z: Array) -> Array:
 
 
 def _cap_slope(cfg: _Config, z: Array) -> Array | float:
-    """d cap(u) / du at capped value ``z``: ``1 - (z / s)**2``."""
+    """D cap(u) / du at capped value ``z``: ``1 - (z / s)**2``."""
     if cfg.softcap is None:
         return 1.0
     t = z / cfg.softcap
@@ -148,7 +148,8 @@ def _stats_fwd_impl(cfg: _Config, x, w, b, u, y, offset):
 
 def _recompute_grads(cfg: _Config, x, w, b, u, y, offset, lse, g_lse, g_zy, g_sum):
     """``(dx, dw, db, du)`` for per-token cotangents of ``(lse, z_y, S)``: one scan that
-    recomputes each chunk's logits (``g_zy``/``g_sum`` may be ``None``: zero)."""
+    recomputes each chunk's logits (``g_zy``/``g_sum`` may be ``None``: zero).
+    """
     acc = _reduce.compute_dtype(x.dtype, w.dtype)
     operand = jnp.result_type(x.dtype, w.dtype)
     zero = jnp.zeros((), acc)
@@ -202,7 +203,8 @@ def _recompute_grads(cfg: _Config, x, w, b, u, y, offset, lse, g_lse, g_zy, g_su
 def _local_cotangents(dx, dw, db, du, x, w, b, u):
     """Cast to the primals' dtypes; inside ``shard_map`` a cotangent may vary over mesh axes
     its primal does not (dW sums over the token shards of a data axis): sum it over those,
-    as the transpose of ``pcast`` would."""
+    as the transpose of ``pcast`` would.
+    """
     out = []
     for ct, ref in ((dx, x), (dw, w), (db, b), (du, u)):
         if ct is None or ref is None:
@@ -476,7 +478,8 @@ def _is_int(value) -> bool:
 def _hyperparameter(value, name: str, dtype, domain: _checks.Domain):
     """``(value in dtype or None when off, NaN-or-None)``: a traced value outside ``domain``
     makes the loss NaN (returned as the poison to add) and fails a checkify check; concrete
-    values were checked by ``_api``."""
+    values were checked by ``_api``.
+    """
     if _checks.is_off(value):
         return None, None
     value, bad = _checks.hyperparameter(value, name, dtype, domain)

@@ -164,7 +164,8 @@ def _class_indices(target: Array, input: Array, num_classes: int, ignore_index: 
 
 def _float_weight(weight, name: str, dtype) -> Array:
     """``weight`` as a floating array: a boolean mask, or a Python/NumPy scalar such as
-    ``pos_weight=2``, is cast to ``dtype`` (the contract); other non-float arrays raise."""
+    ``pos_weight=2``, is cast to ``dtype`` (the contract); other non-float arrays raise.
+    """
     scalar = isinstance(weight, int | float | np.number)
     weight = jnp.asarray(weight)
     if weight.dtype == jnp.bool_ or (scalar and not jnp.issubdtype(weight.dtype, jnp.floating)):
@@ -747,6 +748,7 @@ class CrossEntropyLoss(_Loss):
         self.label_smoothing = label_smoothing
 
     def forward(self, input: ArrayLike, target: ArrayLike) -> Array:
+        """The loss of ``input`` against ``target``, as torch's ``forward``."""
         return cross_entropy(
             input,
             target,
@@ -799,6 +801,7 @@ class NLLLoss(_Loss):
         self.reduction = _legacy_reduction(size_average, reduce, reduction)
 
     def forward(self, input: ArrayLike, target: ArrayLike) -> Array:
+        """The loss of ``input`` against ``target``, as torch's ``forward``."""
         return nll_loss(
             input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction
         )
@@ -843,6 +846,7 @@ class BCELoss(_Loss):
         self.reduction = _legacy_reduction(size_average, reduce, reduction)
 
     def forward(self, input: ArrayLike, target: ArrayLike) -> Array:
+        """The loss of ``input`` against ``target``, as torch's ``forward``."""
         return binary_cross_entropy(input, target, self.weight, reduction=self.reduction)
 
 
@@ -888,6 +892,7 @@ class BCEWithLogitsLoss(_Loss):
         self.reduction = _legacy_reduction(size_average, reduce, reduction)
 
     def forward(self, input: ArrayLike, target: ArrayLike) -> Array:
+        """The loss of ``input`` against ``target``, as torch's ``forward``."""
         return binary_cross_entropy_with_logits(
             input, target, self.weight, reduction=self.reduction, pos_weight=self.pos_weight
         )
@@ -932,4 +937,5 @@ class KLDivLoss(_Loss):
         self.log_target = log_target
 
     def forward(self, input: ArrayLike, target: ArrayLike) -> Array:
+        """The loss of ``input`` against ``target``, as torch's ``forward``."""
         return kl_div(input, target, reduction=self.reduction, log_target=self.log_target)
