@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import check_grads_2
 from jax.experimental import checkify
-from reference import check_grads_2, log_softmax
+from reference import log_softmax
 
 import jaxce
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import check_grads_2, check_half_precision_policy
+from helpers import check_grads_2, check_half_precision_policy
 
 import jaxce
 

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import check_grads_2, check_half_precision_policy, log_softmax, xlogy
+from helpers import check_grads_2, check_half_precision_policy
+from reference import log_softmax, xlogy
 
 import jaxce
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import check_grads_2
+from helpers import check_grads_2
 
 from jaxce import sklearn as jsk
 
