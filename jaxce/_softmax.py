@@ -614,26 +614,27 @@ def softmax_focal_loss(
     labels = jnp.asarray(labels)
     integer = jnp.issubdtype(labels.dtype, jnp.integer)
     if integer:
-        prepared, y, weights = _logits.integer_targets(
+        # target: the safe integer labels (...), or the probabilities (..., C)
+        prepared, target, weights = _logits.integer_targets(
             prepared, labels, ignore_index=ignore_index, sample_weights=sample_weights
         )
     elif ignore_index is not None:
         raise ValueError("`ignore_index` applies to integer labels only; got float `labels`.")
     else:
-        prepared, t, weights = _logits.probability_targets(prepared, labels, sample_weights)
+        prepared, target, weights = _logits.probability_targets(prepared, labels, sample_weights)
     g, bad = _checks.hyperparameter(gamma, "gamma", prepared.dtype, NON_NEGATIVE)
     weights = weights.with_invalid(bad)
     a = None if alpha is None else _alpha_per_class(alpha, prepared)
     m, log_s = _logits.log_normalizer(prepared.values, prepared.class_mask)
     if integer:
-        x_y = _reduce.take_class(prepared.values, y)
+        x_y = _reduce.take_class(prepared.values, target)
         coef = _focal_factor((x_y - m) - log_s, g)
         if a is not None:
-            coef = coef * (a if a.ndim == 0 else a[y])
+            coef = coef * (a if a.ndim == 0 else a[target])
         loss = _numerics.neg_log_softmax_at(coef, x_y, m, log_s)
     else:
         log_p = (prepared.values - m[..., None]) - log_s[..., None]
-        coef = _focal_factor(log_p, g) * t
+        coef = _focal_factor(log_p, g) * target
         if a is not None:
             coef = coef * (a if a.ndim == 0 else _reduce.along_classes(a, coef))
         loss = _numerics.neg_log_softmax_sum(coef, prepared.values, m, log_s, prepared.class_mask)
