@@ -91,14 +91,15 @@ def reduction(value: str) -> str:
     return value
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """A Python or NumPy integer that is not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def class_axes(axis: int | Sequence[int], ndim: int, name: str = "logits") -> tuple[int, ...]:
     """Canonical (non-negative) class axes, in the order given, as a tuple."""
-    axes: Any = (axis,) if _is_int(axis) else axis
-    if not isinstance(axes, (tuple, list)) or not axes or not all(_is_int(a) for a in axes):
+    axes: Any = (axis,) if is_int(axis) else axis
+    if not isinstance(axes, (tuple, list)) or not axes or not all(is_int(a) for a in axes):
         raise TypeError(f"`axis` must be an int or a non-empty tuple of ints, got {axis!r}.")
     out: list[int] = []
     for a in axes:

@@ -30,7 +30,6 @@ from typing import NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
@@ -471,10 +470,6 @@ _total.defvjp(_total_fwd, _total_bwd, symbolic_zeros=True)
 # ------------------------------------------------------------------------ argument handling
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def _hyperparameter(value, name: str, dtype, domain: _checks.Domain):
     """``(value in dtype or None when off, NaN-or-None)``: a traced value outside ``domain``
     makes the loss NaN (returned as the poison to add) and fails a checkify check; concrete
@@ -490,7 +485,7 @@ def _hyperparameter(value, name: str, dtype, domain: _checks.Domain):
 def _static_int(value, name: str):
     if value is None:
         return None
-    if not _is_int(value):
+    if not _checks.is_int(value):
         raise ValueError(f"`{name}` must be a positive int or None, got {value!r}.")
     return int(value)
 
@@ -734,7 +729,7 @@ def linear_softmax_cross_entropy(
         offset = (lax.axis_index(axis_name) * local_vocab).astype(jnp.int32)
     full_vocab = local_vocab * shards
     vocab_size = full_vocab if vocab_size is None else vocab_size
-    if not _is_int(vocab_size) or not 0 < vocab_size <= full_vocab:
+    if not _checks.is_int(vocab_size) or not 0 < vocab_size <= full_vocab:
         raise ValueError(
             f"`vocab_size` must be an int in [1, {full_vocab}] (the columns of `weight`"
             f"{' over all shards' if shards > 1 else ''}), got {vocab_size!r}."
