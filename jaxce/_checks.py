@@ -236,3 +236,13 @@ def hyperparameter(value: Any, name: str, dtype, domain: Domain) -> tuple[jax.Ar
     """``(value in dtype, where it leaves domain)``: the traced half of the domain rule."""
     value = as_hyperparameter(value, name, dtype)
     return value, outside_domain(value, name, domain)
+
+
+def nan_outside_domain(value: Any, name: str, dtype, domain: Domain) -> jax.Array:
+    """``value`` in ``dtype``, NaN where a traced value leaves ``domain``.
+
+    For losses without per-example weights to mark invalid (the fused ones): a NaN coefficient
+    makes the loss and every gradient through it NaN, never a finite gradient of a NaN loss.
+    """
+    value, bad = hyperparameter(value, name, dtype, domain)
+    return jnp.where(bad, jnp.full((), jnp.nan, dtype), value)

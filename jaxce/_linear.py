@@ -471,15 +471,10 @@ _total.defvjp(_total_fwd, _total_bwd, symbolic_zeros=True)
 
 
 def _hyperparameter(value, name: str, dtype, domain: _checks.Domain):
-    """``(value in dtype or None when off, NaN-or-None)``: a traced value outside ``domain``
-    makes the loss NaN (returned as the poison to add) and fails a checkify check; concrete
-    values were checked by ``_api``.
-    """
+    """``value`` in ``dtype`` (NaN where a traced one leaves ``domain``), or ``None`` when off."""
     if _checks.is_off(value):
-        return None, None
-    value, bad = _checks.hyperparameter(value, name, dtype, domain)
-    zero, nan = jnp.zeros((), dtype), jnp.full((), jnp.nan, dtype)
-    return value, jnp.where(bad, nan, zero)
+        return None
+    return _checks.nan_outside_domain(value, name, dtype, domain)
 
 
 def _static_int(value, name: str):
@@ -716,8 +711,8 @@ def linear_softmax_cross_entropy(
             raise ValueError(f"`logit_softcap` must be positive, got {logit_softcap}.")
     _checks.reduction(reduction)
     acc = _reduce.compute_dtype(hidden.dtype, weight.dtype)
-    eps, eps_poison = _hyperparameter(label_smoothing, "label_smoothing", acc, UNIT_INTERVAL)
-    lam, lam_poison = _hyperparameter(z_loss, "z_loss", acc, NON_NEGATIVE)
+    eps = _hyperparameter(label_smoothing, "label_smoothing", acc, UNIT_INTERVAL)
+    lam = _hyperparameter(z_loss, "z_loss", acc, NON_NEGATIVE)
     chunk_size = _static_int(chunk_size, "chunk_size")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
@@ -787,7 +782,6 @@ def linear_softmax_cross_entropy(
         invalid=token_weights.invalid,
     )
     alpha, beta, gamma = _coefficients(eps, label_weight, weight_sum, vocab_size, num_tokens, acc)
-    poison = _poison(eps_poison, lam_poison)
 
     # The gradient-in-forward path re-reads the whole weight and the dW accumulator once per
     # token tile; with small tiles (a large vocabulary) that costs more than the matmul it
@@ -797,7 +791,7 @@ def linear_softmax_cross_entropy(
     if scalar and (chunk_size is not None or few_tiles):
         return _fused_scalar(
             cfg, x, weight, bias, class_weights, y, offset, token_weights, alpha, beta, gamma, lam,
-            poison, reduction, batch, return_aux,
+            reduction, batch, return_aux,
         )  # fmt: skip
 
     lse, zy, total, m, best = _stats(cfg, x, weight, bias, class_weights, y, offset)  # type: ignore[misc]
@@ -807,8 +801,6 @@ def linear_softmax_cross_entropy(
         raw = raw + gamma * total
     if lam is not None:
         raw = raw + lam * jnp.square(lse)
-    if poison is not None:
-        raw = raw + poison
     loss = _reduce.weigh_and_reduce(raw.reshape(batch), token_weights, reduction)
     if not return_aux:
         return loss
@@ -825,11 +817,6 @@ def _coefficients(eps, label_weight, weight_sum, vocab_size, n, acc):
     return alpha, -(1 - eps) * cy, jnp.full((n,), -eps / vocab_size, acc)
 
 
-def _poison(*parts):
-    parts = [p for p in parts if p is not None]
-    return sum(parts[1:], parts[0]) if parts else None
-
-
 def _aux(lse, best, lam, token_weights, batch) -> LinearCrossEntropyAux:
     lse = lse.reshape(batch)
     if lam is None:
@@ -840,7 +827,7 @@ def _aux(lse, best, lam, token_weights, batch) -> LinearCrossEntropyAux:
 
 
 def _fused_scalar(
-    cfg, x, w, b, u, y, offset, token_weights, alpha, beta, gamma, lam, poison, reduction, batch,
+    cfg, x, w, b, u, y, offset, token_weights, alpha, beta, gamma, lam, reduction, batch,
     return_aux,
 ):  # fmt: skip
     """A scalar reduction through the gradient-in-forward core."""
@@ -861,8 +848,6 @@ def _fused_scalar(
     nan = jnp.full((), jnp.nan, total.dtype)
     if bad is not None:
         total = total + jnp.where(jnp.any(bad), nan, jnp.zeros((), total.dtype))
-    if poison is not None:
-        total = total + poison
     denominator = jnp.sum(token_weights.denominator).astype(total.dtype)
     if reduction == "sum":
         loss = total

@@ -404,12 +404,6 @@ def _bias(bias, name, local_vocab):
     return bias
 
 
-def _hyperparameter(value, name: str, dtype, domain: _checks.Domain) -> Array:
-    """``value`` in ``dtype``, NaN outside ``domain`` (``_api`` raises for concrete values)."""
-    value, bad = _checks.hyperparameter(value, name, dtype, domain)
-    return jnp.where(bad, jnp.full((), jnp.nan, dtype), value)
-
-
 def _prepare(
     hidden,
     weight,
@@ -634,7 +628,7 @@ def linear_softmax_kl_divergence(
         axis_name,
         vocab_size,
     )
-    t = _hyperparameter(temperature, "temperature", prep.acc, POSITIVE)
+    t = _checks.nan_outside_domain(temperature, "temperature", prep.acc, POSITIVE)
     kl: Array = _kl(prep.cfg, prep.ops, 1 / t, prep.offset)  # type: ignore[assignment]
     return _reduce.weigh_and_reduce(jnp.square(t) * kl.reshape(prep.batch), prep.weights, reduction)
 
@@ -746,7 +740,7 @@ def linear_js_divergence(
         axis_name,
         vocab_size,
     )
-    t = _hyperparameter(temperature, "temperature", prep.acc, POSITIVE)
-    b = _hyperparameter(beta, "beta", prep.acc, UNIT_INTERVAL)
+    t = _checks.nan_outside_domain(temperature, "temperature", prep.acc, POSITIVE)
+    b = _checks.nan_outside_domain(beta, "beta", prep.acc, UNIT_INTERVAL)
     js: Array = _js(prep.cfg, prep.ops, 1 / t, b, prep.offset)  # type: ignore[assignment]
     return _reduce.weigh_and_reduce(js.reshape(prep.batch), prep.weights, reduction)

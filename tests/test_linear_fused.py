@@ -256,6 +256,16 @@ def test_hyperparameter_domains(rng):
     for reduction in ("none", "mean"):
         out = jax.jit(lambda e, r=reduction: fused(h, w, y, label_smoothing=e, reduction=r))(1.5)
         assert np.all(np.isnan(np.asarray(out)))
+        # ...and NaN gradients, on the gradient-in-forward path (mean) as on the recompute
+        # path (none): never a finite gradient of a NaN loss.
+        for kw in ({"label_smoothing": 1.5}, {"z_loss": -1.0}):
+
+            def total(h_, w_, r=reduction, kw=kw):
+                traced = {k: jnp.asarray(v) for k, v in kw.items()}
+                return jnp.sum(fused(h_, w_, y, reduction=r, **traced))
+
+            gh, gw = jax.jit(jax.grad(total, argnums=(0, 1)))(h, w)
+            assert np.all(np.isnan(np.asarray(gh))) and np.all(np.isnan(np.asarray(gw)))
         checked = checkify.checkify(
             jax.jit(lambda z, r=reduction: fused(h, w, y, z_loss=z, reduction=r)),
             errors=checkify.user_checks,
