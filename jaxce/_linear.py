@@ -619,8 +619,10 @@ def linear_softmax_cross_entropy(
       bias: optional ``(V,)`` (local shard under ``axis_name``).
       ignore_index: label value whose tokens are dropped (loss 0, gradient 0, weight 0).
       label_smoothing: :math:`\varepsilon \in [0, 1]`; uniform mass :math:`\varepsilon / V`.
+        A concrete value outside raises ``ValueError``; a traced one makes the loss and its
+        gradients NaN (and fails a ``checkify`` check).
       z_loss: :math:`\lambda_z \ge 0`, on the log-sum-exp of the (capped) logits; carries the
-        sample weight, not the class weight.
+        sample weight, not the class weight. Outside its domain as ``label_smoothing``.
       logit_softcap: :math:`s > 0` (Gemma 2), or ``None`` for no cap.
       class_weights: optional ``(V,)`` float weight per column of ``weight`` (PyTorch's
         ``weight``; local shard under ``axis_name``; entries of padding columns are unused).
