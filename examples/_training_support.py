@@ -11,7 +11,9 @@ the plumbing around them, so that a script reads top to bottom as "build, train,
 * :class:`ScriptRun`: the output folder, the clock, the progress bar and the report at the end
   (``<name>.json`` and a one-line summary);
 * :func:`figure`: a matplotlib figure (no display needed) saved to a PNG on leaving the block;
-* the 8x8 digits data and the shuffled mini-batches that two of the scripts train on.
+* the 8x8 digits data and the shuffled mini-batches that two of the scripts train on;
+* for the two character language models: the text corpus, a pre-norm transformer block and the
+  held-out next-character windows.
 
 The scripts import it as a sibling module: ``python examples/<script>.py`` puts ``examples/`` on
 ``sys.path`` (the tests' loader does the same).
@@ -117,10 +119,12 @@ class ScriptRun:
         print(f"backend: {self.backend}")
         self.started = time.perf_counter()
 
-    def progress(self, description: str | None = None) -> tqdm:
-        """A progress bar over the steps ``1 .. args.steps``."""
-        steps = range(1, self.args.steps + 1)
-        return tqdm(steps, desc=description or self.name, disable=self.args.no_progress)
+    def progress(self, description: str | None = None, steps: int | None = None) -> tqdm:
+        """A progress bar over the steps ``1 .. steps`` (default ``args.steps``)."""
+        steps = self.args.steps if steps is None else steps
+        return tqdm(
+            range(1, steps + 1), desc=description or self.name, disable=self.args.no_progress
+        )
 
     def is_log_step(self, step: int) -> bool:
         """Whether the training metrics are logged after ``step`` (1-based).
@@ -223,3 +227,26 @@ def load_stdlib_source(modules: tuple[str, ...]) -> str:
     if not texts:
         raise FileNotFoundError(f"none of {modules} found under {root}")
     return "\n\n".join(texts).replace("\t", "    ")
+
+
+class TransformerBlock(nnx.Module):
+    """Pre-norm causal self-attention and a 4x GELU MLP, each with a residual connection."""
+
+    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs):
+        self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
+        self.mlp_in = nnx.Linear(dim, 4 * dim, rngs=rngs)
+        self.mlp_out = nnx.Linear(4 * dim, dim, rngs=rngs)
+
+    def __call__(self, x, mask):
+        x = x + self.attn(self.norm1(x), mask=mask)
+        return x + self.mlp_out(nnx.gelu(self.mlp_in(self.norm2(x))))
+
+
+def next_token_windows(data: np.ndarray, seq_len: int, max_windows: int):
+    """Consecutive ``(inputs, labels)`` windows of ``data``, labels shifted by one token."""
+    n = min(max_windows, (len(data) - 1) // seq_len)
+    inputs = data[: n * seq_len].reshape(n, seq_len)
+    labels = data[1 : n * seq_len + 1].reshape(n, seq_len)
+    return inputs, labels

@@ -26,18 +26,21 @@ teacher. Writes ``distill_lm.png`` (curves) and ``distill_lm.json`` into ``--out
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _training_support import ALPHABET, load_stdlib_source
+from _training_support import (
+    ALPHABET,
+    ScriptRun,
+    TransformerBlock,
+    command_line,
+    count_params,
+    figure,
+    load_stdlib_source,
+    next_token_windows,
+)
 from flax import nnx
-from tqdm.auto import tqdm
 
 import jaxce
 
@@ -57,26 +60,13 @@ def encode(text: str) -> tuple[np.ndarray, int]:
     return np.array([index.get(c, unk) for c in text], np.int32), len(ALPHABET)
 
 
-class Block(nnx.Module):
-    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs):
-        self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
-        self.attn = nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
-        self.mlp_in = nnx.Linear(dim, 4 * dim, rngs=rngs)
-        self.mlp_out = nnx.Linear(4 * dim, dim, rngs=rngs)
-
-    def __call__(self, x, mask):
-        x = x + self.attn(self.norm1(x), mask=mask)
-        return x + self.mlp_out(nnx.gelu(self.mlp_in(self.norm2(x))))
-
-
 class CharLM(nnx.Module):
     """Pre-norm causal transformer; ``__call__`` returns hidden states, ``head`` the kernel."""
 
     def __init__(self, vocab: int, seq_len: int, dim: int, layers: int, *, rngs: nnx.Rngs):
         self.embed = nnx.Embed(vocab, dim, rngs=rngs)
         self.pos = nnx.Embed(seq_len, dim, rngs=rngs)
-        self.blocks = nnx.List([Block(dim, 4, rngs=rngs) for _ in range(layers)])
+        self.blocks = nnx.List([TransformerBlock(dim, 4, rngs=rngs) for _ in range(layers)])
         self.norm = nnx.LayerNorm(dim, rngs=rngs)
         self.head = nnx.Linear(dim, vocab, use_bias=False, rngs=rngs)
 
@@ -142,11 +132,6 @@ def sample_batch(rng, data: np.ndarray, batch: int, seq_len: int):
     return windows[:, :-1], windows[:, 1:]
 
 
-def validation_windows(data: np.ndarray, seq_len: int, max_windows: int = 48):
-    n = min(max_windows, (len(data) - 1) // seq_len)
-    return data[: n * seq_len].reshape(n, seq_len), data[1 : n * seq_len + 1].reshape(n, seq_len)
-
-
 def optimizer_for(model: CharLM, lr: float, steps: int) -> nnx.Optimizer:
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), max(steps, 2))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
@@ -154,70 +139,51 @@ def optimizer_for(model: CharLM, lr: float, steps: int) -> nnx.Optimizer:
 
 
 def save_plot(path, curves: dict, evals: dict, eval_steps) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=90)
-    for i, (label, losses) in enumerate(curves.items()):
-        k = max(1, len(losses) // 25)
-        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-        ax_train.plot(np.arange(k, len(losses) + 1), smooth, color=f"C{i}", label=label)
-    ax_train.set(xlabel="step", ylabel="training loss (nats/char)", title="training")
-    ax_train.legend(fontsize=8)
-    for i, (label, values) in enumerate(evals.items()):
-        style = "--" if label.startswith("teacher") else "-"
-        ax_val.plot(
-            eval_steps[: len(values)], values, style, marker=".", color=f"C{i}", label=label
-        )
-    ax_val.set(xlabel="student step", ylabel="cross-entropy (nats/char)", title="validation")
-    ax_val.set_yscale("log")
-    ax_val.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, figsize=(9, 3.2)) as (_, (ax_train, ax_val)):
+        for i, (label, losses) in enumerate(curves.items()):
+            k = max(1, len(losses) // 25)
+            smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+            ax_train.plot(np.arange(k, len(losses) + 1), smooth, color=f"C{i}", label=label)
+        ax_train.set(xlabel="step", ylabel="training loss (nats/char)", title="training")
+        ax_train.legend(fontsize=8)
+        for i, (label, values) in enumerate(evals.items()):
+            style = "--" if label.startswith("teacher") else "-"
+            ax_val.plot(
+                eval_steps[: len(values)], values, style, marker=".", color=f"C{i}", label=label
+            )
+        ax_val.set(xlabel="student step", ylabel="cross-entropy (nats/char)", title="validation")
+        ax_val.set_yscale("log")
+        ax_val.legend(fontsize=8)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=150, help="training steps of each student")
-    p.add_argument(
+def parse_args(argv=None):
+    parser = command_line(__doc__, steps=150, batch_size=16, lr=3e-3, eval_every=25)
+    parser.add_argument(
         "--teacher-steps", type=int, default=None, help="teacher training steps (default 2 x steps)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the models and the batches")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per step")
-    p.add_argument("--seq-len", type=int, default=48, help="characters per window")
-    p.add_argument("--teacher-dim", type=int, default=64, help="teacher width (2 layers)")
-    p.add_argument("--student-dim", type=int, default=32, help="student width (1 layer)")
-    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (> 0)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
-    p.add_argument("--eval-every", type=int, default=25, help="student steps between evals")
-    p.add_argument(
-        "--out",
-        default=os.path.join(os.path.dirname(__file__), "out"),
-        help="directory for distill_lm.png and distill_lm.json",
+    parser.add_argument("--seq-len", type=int, default=48, help="characters per window")
+    parser.add_argument("--teacher-dim", type=int, default=64, help="teacher width (2 layers)")
+    parser.add_argument("--student-dim", type=int, default=32, help="student width (1 layer)")
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="distillation temperature (> 0)"
     )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    return p.parse_args(argv)
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    start = time.perf_counter()
+    run = ScriptRun("distill_lm", args)
     data, vocab = encode(load_corpus())
     split = int(0.9 * len(data))
     train_data, val_data = data[:split], data[split:]
-    val_x, val_y = validation_windows(val_data, args.seq_len)
-    rngs = nnx.Rngs(args.seed)
+    val_x, val_y = next_token_windows(val_data, args.seq_len, max_windows=48)
 
-    teacher = CharLM(vocab, args.seq_len, args.teacher_dim, 2, rngs=rngs)
+    teacher = CharLM(vocab, args.seq_len, args.teacher_dim, 2, rngs=nnx.Rngs(args.seed))
     teacher_steps = 2 * args.steps if args.teacher_steps is None else args.teacher_steps
     opt = optimizer_for(teacher, args.lr, teacher_steps)
     rng = np.random.default_rng(args.seed)
     teacher_losses = []
-    for _ in tqdm(range(teacher_steps), desc="teacher", disable=args.no_progress):
+    for _ in run.progress("teacher", teacher_steps):
         inputs, labels = sample_batch(rng, train_data, args.batch_size, args.seq_len)
         teacher_losses.append(float(label_step(teacher, opt, inputs, labels)))
     teacher_ce = float(evaluate(teacher, teacher, val_x, val_y)[0])
@@ -240,44 +206,20 @@ def main(argv=None) -> dict:
         val_baseline.append(float(evaluate(baseline, teacher, val_x, val_y)[0]))
 
     record(0)
-    bar = tqdm(range(1, args.steps + 1), desc="students", disable=args.no_progress)
-    for step in bar:
+    progress = run.progress("students")
+    for step in progress:
         inputs, labels = sample_batch(rng, train_data, args.batch_size, args.seq_len)
         loss = distill_step(distilled, opt_d, teacher, inputs, args.temperature)
         distill_losses.append(float(loss))
         baseline_losses.append(float(label_step(baseline, opt_b, inputs, labels)))
-        if step % args.eval_every == 0 or step == args.steps:
+        if run.is_eval_step(step):
             record(step)
-            bar.set_postfix(kl=f"{val_kl[-1]:.3f}", ce=f"{val_distilled[-1]:.3f}")
-    bar.close()
-    elapsed = time.perf_counter() - start
+        if run.is_log_step(step):
+            recent = distill_losses[-args.log_every :]
+            progress.set_postfix(loss=f"{np.mean(recent):.3f}", val_kl=f"{val_kl[-1]:.3f}")
+    progress.close()
 
     tail = max(1, args.steps // 10)
-
-    def params(model):
-        return int(sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))))
-
-    metrics = {
-        "backend": jax.default_backend(),
-        "steps": args.steps,
-        "teacher_steps": teacher_steps,
-        "seed": args.seed,
-        "temperature": args.temperature,
-        "vocab_size": vocab,
-        "teacher_params": params(teacher),
-        "student_params": params(distilled),
-        "first_loss": distill_losses[0],
-        "last_loss": float(np.mean(distill_losses[-tail:])),
-        "teacher_first_loss": teacher_losses[0],
-        "teacher_last_loss": float(np.mean(teacher_losses[-tail:])),
-        "teacher_val_ce": teacher_ce,
-        "distilled_val_ce": val_distilled[-1],
-        "baseline_val_ce": val_baseline[-1],
-        "initial_val_kl": val_kl[0],
-        "distilled_val_kl": val_kl[-1],
-        "seconds": elapsed,
-    }
-    plot_path = os.path.join(args.out, "distill_lm.png")
     curves = {
         "teacher: cross-entropy on labels": teacher_losses,
         f"distilled student: T² KL at T={args.temperature:g}": distill_losses,
@@ -288,18 +230,30 @@ def main(argv=None) -> dict:
         "distilled student": val_distilled,
         "student on labels": val_baseline,
     }
-    save_plot(plot_path, curves, evals, eval_steps)
-    metrics["plot"] = plot_path
-    with open(os.path.join(args.out, "distill_lm.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    print(
-        f"distill_lm: backend={metrics['backend']} steps={args.steps} T={args.temperature:g} "
-        f"KL loss {metrics['first_loss']:.3f} -> {metrics['last_loss']:.3f}; validation CE "
-        f"teacher {teacher_ce:.3f}, distilled {val_distilled[-1]:.3f}, on labels "
-        f"{val_baseline[-1]:.3f} nats/char ({metrics['teacher_params']} -> "
-        f"{metrics['student_params']} params) time={elapsed:.1f}s"
+    save_plot(run.figure_path, curves, evals, eval_steps)
+    metrics = {
+        "teacher_steps": teacher_steps,
+        "temperature": args.temperature,
+        "vocab_size": vocab,
+        "teacher_params": count_params(teacher),
+        "student_params": count_params(distilled),
+        "first_loss": distill_losses[0],
+        "last_loss": float(np.mean(distill_losses[-tail:])),
+        "teacher_first_loss": teacher_losses[0],
+        "teacher_last_loss": float(np.mean(teacher_losses[-tail:])),
+        "teacher_val_ce": teacher_ce,
+        "distilled_val_ce": val_distilled[-1],
+        "baseline_val_ce": val_baseline[-1],
+        "initial_val_kl": val_kl[0],
+        "distilled_val_kl": val_kl[-1],
+    }
+    return run.report(
+        metrics,
+        f"T={args.temperature:g} KL loss {metrics['first_loss']:.3f} -> "
+        f"{metrics['last_loss']:.3f}; validation CE teacher {teacher_ce:.3f}, distilled "
+        f"{val_distilled[-1]:.3f}, on labels {val_baseline[-1]:.3f} nats/char "
+        f"({metrics['teacher_params']} -> {metrics['student_params']} params)",
     )
-    return metrics
 
 
 if __name__ == "__main__":

@@ -27,10 +27,12 @@ from _training_support import (
     ALPHABET,
     MetricHistory,
     ScriptRun,
+    TransformerBlock,
     command_line,
     count_params,
     figure,
     load_stdlib_source,
+    next_token_windows,
 )
 from flax import nnx
 
@@ -76,26 +78,13 @@ class Tokenizer:
         return "".join(self.chars[i - 1] if i > 0 else "" for i in np.asarray(ids).tolist())
 
 
-class Block(nnx.Module):
-    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs):
-        self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
-        self.attn = nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
-        self.mlp_in = nnx.Linear(dim, 4 * dim, rngs=rngs)
-        self.mlp_out = nnx.Linear(4 * dim, dim, rngs=rngs)
-
-    def __call__(self, x, mask):
-        x = x + self.attn(self.norm1(x), mask=mask)
-        return x + self.mlp_out(nnx.gelu(self.mlp_in(self.norm2(x))))
-
-
 class TinyLM(nnx.Module):
     """Pre-norm causal transformer; ``__call__`` returns the final hidden states, not logits."""
 
     def __init__(self, vocab: int, seq_len: int, dim: int, heads: int, layers: int, *, rngs):
         self.embed = nnx.Embed(vocab, dim, rngs=rngs)
         self.pos = nnx.Embed(seq_len, dim, rngs=rngs)
-        self.blocks = nnx.List([Block(dim, heads, rngs=rngs) for _ in range(layers)])
+        self.blocks = nnx.List([TransformerBlock(dim, heads, rngs=rngs) for _ in range(layers)])
         self.norm = nnx.LayerNorm(dim, rngs=rngs)
 
     def __call__(self, tokens):  # (B, T) int -> (B, T, D)
@@ -156,13 +145,6 @@ def sample_batch(rng, data: np.ndarray, batch: int, seq_len: int):
     return inputs.astype(np.int32), labels.astype(np.int32)
 
 
-def validation_windows(data: np.ndarray, seq_len: int, max_windows: int = 64):
-    n = min(max_windows, (len(data) - 1) // seq_len)
-    x = data[: n * seq_len].reshape(n, seq_len)
-    y = data[1 : n * seq_len + 1].reshape(n, seq_len)
-    return x, y
-
-
 def generate(model, tokenizer, prompt: str, length: int, seq_len: int, key, temperature):
     """Sample ``length`` characters (greedy when ``temperature == 0``)."""
     ids = list(tokenizer.encode(prompt)[-seq_len:])
@@ -206,7 +188,7 @@ def main(argv=None) -> dict:
     data = tokenizer.encode(load_corpus())
     split = int(0.9 * len(data))
     train_data, val_data = data[:split], data[split:]
-    val_x, val_y = validation_windows(val_data, args.seq_len)
+    val_x, val_y = next_token_windows(val_data, args.seq_len, max_windows=64)
     rng = np.random.default_rng(args.seed)
 
     rngs = nnx.Rngs(args.seed)
