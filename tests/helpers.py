@@ -6,6 +6,11 @@ The float64 references themselves live in ``reference.py``, which imports only N
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,3 +153,38 @@ def divergence_inputs(rng, kind, shape=BINARY_SHAPE):
         "log_probs": np.log(probability_targets(rng, shape)),
     }[kind]
     return a, b
+
+
+# ------------------------------------------------------------- scripts on several host devices
+
+TESTS_DIR = pathlib.Path(__file__).resolve().parent
+
+
+def host_devices_env(count: int) -> dict[str, str]:
+    """The environment of a check script that needs ``count`` CPU devices.
+
+    The device count is fixed when JAX starts, so such checks run as subprocesses. The
+    checkout's ``jaxce`` comes first on their path (where the checkout has none, as in CI's
+    installed-wheel step, the installed one is used).
+    """
+    root = str(TESTS_DIR.parent)
+    return dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))),
+    )
+
+
+def run_host_devices_script(name: str, count: int, timeout_s: float = 600) -> list[str]:
+    """Runs ``tests/<name>`` on ``count`` host devices: asserts it exits 0, returns its words."""
+    proc = subprocess.run(
+        [sys.executable, str(TESTS_DIR / name)],
+        env=host_devices_env(count),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout.split()

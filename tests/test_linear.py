@@ -7,16 +7,13 @@ the docstring's formula.
 
 from __future__ import annotations
 
-import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import run_host_devices_script
 from jax.experimental import checkify
 
 import jaxce
@@ -363,21 +360,5 @@ def test_memory_is_o_chunk(reduction):
 
 @pytest.mark.slow
 def test_vocab_parallel_shard_map_matches_unsharded():
-    script = pathlib.Path(__file__).with_name("sharded_linear_check.py")
-    root = str(pathlib.Path(__file__).resolve().parents[1])
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))),
-    )
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.split() == ["ok", "1", "ok", "2", "ok", "4", "ok", "8"]
+    words = run_host_devices_script("sharded_linear_check.py", 8)
+    assert words == ["ok", "1", "ok", "2", "ok", "4", "ok", "8"]

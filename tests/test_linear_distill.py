@@ -10,16 +10,13 @@ formulas, and numerical differentiation (``check_grads``) in float64.
 from __future__ import annotations
 
 import functools
-import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import run_host_devices_script
 from jax.experimental import checkify
 from jax.test_util import check_grads
 
@@ -501,22 +498,5 @@ def test_memory_is_o_chunk(kind):
 
 @pytest.mark.slow
 def test_vocab_parallel_shard_map_matches_unsharded():
-    script = pathlib.Path(__file__).with_name("sharded_distill_check.py")
-    root = str(script.parent.parent)  # the checkout's jaxce, not an installed one
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=path,
-    )
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.split() == ["ok", "1", "ok", "2", "ok", "4", "ok", "8"]
+    words = run_host_devices_script("sharded_distill_check.py", 8)
+    assert words == ["ok", "1", "ok", "2", "ok", "4", "ok", "8"]

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 import socket
 import subprocess
 import sys
 
 import pytest
+from helpers import host_devices_env
 
 SCRIPT = pathlib.Path(__file__).with_name("multiprocess_linear_check.py")
 NUM_PROCESSES = 2
@@ -25,13 +25,7 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_match_single_process():
     port = free_port()
-    root = str(pathlib.Path(__file__).resolve().parents[1])
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))),
-    )
+    env = host_devices_env(2)
     procs = [
         subprocess.Popen(
             [sys.executable, str(SCRIPT), str(i), str(NUM_PROCESSES), str(port)],
