@@ -477,14 +477,6 @@ def _hyperparameter(value, name: str, dtype, domain: _checks.Domain):
     return _checks.nan_outside_domain(value, name, dtype, domain)
 
 
-def _static_int(value, name: str):
-    if value is None:
-        return None
-    if not _checks.is_int(value):
-        raise ValueError(f"`{name}` must be a positive int or None, got {value!r}.")
-    return int(value)
-
-
 @_api.public(
     static=(
         "ignore_index",
@@ -680,31 +672,13 @@ def linear_softmax_cross_entropy(
       Cross-Entropy), 2024; Hsu et al., *Liger Kernel: Efficient Triton Kernels for LLM
       Training*, 2024; Shoeybi et al., *Megatron-LM* (vocab-parallel cross-entropy), 2019.
     """
-    hidden = _checks.as_floating(hidden, "hidden")
-    weight = _checks.as_floating(weight, "weight")
-    if hidden.ndim < 1:
-        raise ValueError(f"`hidden` must have shape (..., D), got a scalar {hidden.shape}.")
-    if weight.ndim != 2:
-        raise ValueError(f"`weight` has shape {weight.shape} but must be 2-D (D, V).")
+    hidden, weight = _vocab.hidden_and_kernel(hidden, "hidden", weight, "weight")
     d_model, local_vocab = weight.shape
-    if hidden.shape[-1] != d_model:
-        raise ValueError(
-            f"`hidden` has shape {hidden.shape} and `weight` has shape {weight.shape}: the last "
-            f"axis of `hidden` must equal the first axis of `weight` ({d_model})."
-        )
-    if local_vocab == 0:
-        raise ValueError(f"`weight` has shape {weight.shape}: it needs at least one class.")
     labels = _checks.as_integer(labels, "labels")
     batch = hidden.shape[:-1]
     _checks.same_shape(labels, "labels", batch, f"`hidden` {hidden.shape} without its last axis")
-    if bias is not None:
-        bias = _checks.as_floating(bias, "bias")
-        _checks.same_shape(bias, "bias", (local_vocab,), "one entry per column of `weight`")
-    if class_weights is not None:
-        class_weights = _checks.as_floating(class_weights, "class_weights")
-        _checks.same_shape(
-            class_weights, "class_weights", (local_vocab,), "one entry per column of `weight`"
-        )
+    bias = _vocab.per_column(bias, "bias", local_vocab)
+    class_weights = _vocab.per_column(class_weights, "class_weights", local_vocab)
     if logit_softcap is not None:
         if _checks.is_tracer(logit_softcap) or jnp.ndim(logit_softcap) != 0:
             raise TypeError("`logit_softcap` must be a Python float or None.")
@@ -715,23 +689,8 @@ def linear_softmax_cross_entropy(
     acc = _reduce.compute_dtype(hidden.dtype, weight.dtype)
     eps = _hyperparameter(label_smoothing, "label_smoothing", acc, UNIT_INTERVAL)
     lam = _hyperparameter(z_loss, "z_loss", acc, NON_NEGATIVE)
-    chunk_size = _static_int(chunk_size, "chunk_size")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
-
-    if axis_name is None:
-        shards, offset = 1, jnp.zeros((), jnp.int32)
-    else:
-        shards = lax.axis_size(axis_name)
-        offset = (lax.axis_index(axis_name) * local_vocab).astype(jnp.int32)
-    full_vocab = local_vocab * shards
-    vocab_size = full_vocab if vocab_size is None else vocab_size
-    if not _checks.is_int(vocab_size) or not 0 < vocab_size <= full_vocab:
-        raise ValueError(
-            f"`vocab_size` must be an int in [1, {full_vocab}] (the columns of `weight`"
-            f"{' over all shards' if shards > 1 else ''}), got {vocab_size!r}."
-        )
-    vocab_size = int(vocab_size)
+    chunk_size = _vocab.chunk_size(chunk_size)
+    offset, vocab_size = _vocab.shards(axis_name, local_vocab, vocab_size)
     num_tokens = labels.size
     if chunk_size is None:
         chunk = _vocab.auto_chunk(max(1, num_tokens), local_vocab)

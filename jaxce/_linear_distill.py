@@ -380,30 +380,6 @@ class _Prepared(NamedTuple):
     acc: jnp.dtype
 
 
-def _kernel(hidden, hidden_name, weight, weight_name):
-    hidden = _checks.as_floating(hidden, hidden_name)
-    weight = _checks.as_floating(weight, weight_name)
-    if hidden.ndim < 1:
-        raise ValueError(f"`{hidden_name}` must have shape (..., D), got a scalar.")
-    if weight.ndim != 2:
-        raise ValueError(f"`{weight_name}` has shape {weight.shape} but must be 2-D (D, V).")
-    if hidden.shape[-1] != weight.shape[0]:
-        raise ValueError(
-            f"`{hidden_name}` has shape {hidden.shape} and `{weight_name}` has shape "
-            f"{weight.shape}: the last axis of `{hidden_name}` must equal the first axis of "
-            f"`{weight_name}` ({weight.shape[0]})."
-        )
-    return hidden, weight
-
-
-def _bias(bias, name, local_vocab):
-    if bias is None:
-        return None
-    bias = _checks.as_floating(bias, name)
-    _checks.same_shape(bias, name, (local_vocab,), "one entry per vocabulary column")
-    return bias
-
-
 def _prepare(
     hidden,
     weight,
@@ -417,8 +393,8 @@ def _prepare(
     axis_name,
     vocab_size,
 ) -> _Prepared:
-    hidden, weight = _kernel(hidden, "hidden", weight, "weight")
-    target_hidden, target_weight = _kernel(
+    hidden, weight = _vocab.hidden_and_kernel(hidden, "hidden", weight, "weight")
+    target_hidden, target_weight = _vocab.hidden_and_kernel(
         target_hidden, "target_hidden", target_weight, "target_weight"
     )
     batch = hidden.shape[:-1]
@@ -433,32 +409,16 @@ def _prepare(
             f"`target_weight` has shape {target_weight.shape} and `weight` has shape "
             f"{weight.shape}: both need the same number of vocabulary columns."
         )
-    if local_vocab == 0:
-        raise ValueError(f"`weight` has shape {weight.shape}: it needs at least one class.")
-    bias = _bias(bias, "bias", local_vocab)
-    target_bias = _bias(target_bias, "target_bias", local_vocab)
+    bias = _vocab.per_column(bias, "bias", local_vocab)
+    target_bias = _vocab.per_column(target_bias, "target_bias", local_vocab)
     _checks.reduction(reduction)
-
-    if axis_name is None:
-        shards, offset = 1, jnp.zeros((), jnp.int32)
-    else:
-        shards = lax.axis_size(axis_name)
-        offset = (lax.axis_index(axis_name) * local_vocab).astype(jnp.int32)
-    full_vocab = local_vocab * shards
-    if vocab_size is None:
-        vocab_size = full_vocab
-    if not isinstance(vocab_size, (int, np.integer)) or not 0 < vocab_size <= full_vocab:
-        raise ValueError(
-            f"`vocab_size` must be an int in [1, {full_vocab}] (the columns of `weight`"
-            f"{' over all shards' if shards > 1 else ''}), got {vocab_size!r}."
-        )
+    offset, vocab_size = _vocab.shards(axis_name, local_vocab, vocab_size)
     tokens = int(np.prod(batch, dtype=np.int64))
+    chunk_size = _vocab.chunk_size(chunk_size)
     if chunk_size is None:
         chunk = _vocab.auto_chunk(_TILES_ALIVE * max(1, tokens), local_vocab)
     else:
-        if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-            raise ValueError(f"`chunk_size` must be an int >= 1 or None, got {chunk_size!r}.")
-        chunk = min(int(chunk_size), local_vocab)
+        chunk = min(chunk_size, local_vocab)
 
     acc = _reduce.compute_dtype(
         hidden.dtype, weight.dtype, target_hidden.dtype, target_weight.dtype

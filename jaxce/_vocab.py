@@ -2,17 +2,21 @@
 
 A fused loss never materialises the ``(tokens, V)`` logits: it walks over blocks of
 ``chunk`` columns of a ``(D, V)`` weight. This module holds what every such loss needs: the
-automatic chunk size, the column blocks (the last one shifted, never shrunk or padded), and the
-bookkeeping of device-varying mesh axes that ``lax.scan`` needs inside ``shard_map``.
+automatic chunk size, the column blocks (the last one shifted, never shrunk or padded), the
+checks of its arguments (hidden states against a kernel, biases, the vocabulary over shards,
+the chunk size), and the bookkeeping of device-varying mesh axes that ``lax.scan`` needs
+inside ``shard_map``.
 """
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from typing import NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxce import _checks
 
 Array: TypeAlias = jax.Array
 
@@ -116,3 +120,67 @@ def varying_over(arrays, axes):
     if not axes:
         return arrays
     return jax.tree.map(lambda a: make_varying(a, axes), arrays)
+
+
+# ------------------------------------------------------------------------ argument checks
+
+
+def hidden_and_kernel(hidden, hidden_name: str, weight, weight_name: str) -> tuple[Array, Array]:
+    """``hidden (..., D)`` and ``weight (D, V)`` as floating arrays, ``V >= 1``, or an error."""
+    hidden = _checks.as_floating(hidden, hidden_name)
+    weight = _checks.as_floating(weight, weight_name)
+    if hidden.ndim < 1:
+        raise ValueError(f"`{hidden_name}` must have shape (..., D), got a scalar.")
+    if weight.ndim != 2:
+        raise ValueError(f"`{weight_name}` has shape {weight.shape} but must be 2-D (D, V).")
+    if hidden.shape[-1] != weight.shape[0]:
+        raise ValueError(
+            f"`{hidden_name}` has shape {hidden.shape} and `{weight_name}` has shape "
+            f"{weight.shape}: the last axis of `{hidden_name}` must equal the first axis of "
+            f"`{weight_name}` ({weight.shape[0]})."
+        )
+    if weight.shape[1] == 0:
+        raise ValueError(f"`{weight_name}` has shape {weight.shape}: it needs at least one class.")
+    return hidden, weight
+
+
+def per_column(value, name: str, local_vocab: int) -> Array | None:
+    """An optional ``(V,)`` float array with one entry per (local) column of the kernel."""
+    if value is None:
+        return None
+    value = _checks.as_floating(value, name)
+    _checks.same_shape(value, name, (local_vocab,), "one entry per vocabulary column")
+    return value
+
+
+class Shards(NamedTuple):
+    """Where this device's columns sit in the vocabulary."""
+
+    offset: Array  # global id of local column 0 (traced under shard_map)
+    vocab_size: int  # the real classes; columns from it on are padding
+
+
+def shards(axis_name: str | None, local_vocab: int, vocab_size) -> Shards:
+    """The shard offset and the checked ``vocab_size`` (default: every column of all shards)."""
+    if axis_name is None:
+        count, offset = 1, jnp.zeros((), jnp.int32)
+    else:
+        count = lax.axis_size(axis_name)
+        offset = (lax.axis_index(axis_name) * local_vocab).astype(jnp.int32)
+    full_vocab = local_vocab * count
+    vocab_size = full_vocab if vocab_size is None else vocab_size
+    if not _checks.is_int(vocab_size) or not 0 < vocab_size <= full_vocab:
+        raise ValueError(
+            f"`vocab_size` must be an int in [1, {full_vocab}] (the columns of `weight`"
+            f"{' over all shards' if count > 1 else ''}), got {vocab_size!r}."
+        )
+    return Shards(offset, int(vocab_size))
+
+
+def chunk_size(value) -> int | None:
+    """A static ``chunk_size``: a positive int, or ``None`` for the automatic one."""
+    if value is None:
+        return None
+    if not _checks.is_int(value) or value < 1:
+        raise ValueError(f"`chunk_size` must be a positive int or None, got {value!r}.")
+    return int(value)
