@@ -296,6 +296,35 @@ def _total(cfg: _Config, x, w, b, u, y, offset, keep, coef: _Coef):
     return _total_plain(cfg, x, w, b, u, y, offset, keep, coef)
 
 
+def _add_product(total: Array, a: Array, b: Array, acc) -> Array:
+    """``total + a @ b`` for a ``(D, V)`` accumulator, a block of columns at a time.
+
+    One ``(D, V)`` product per token tile would be a second dW-sized buffer, written and then
+    read again to add it; column blocks are updated in place in the loop carry instead. Half
+    precision operands take the single product: XLA:CPU cannot run a bfloat16 x bfloat16 ->
+    float32 dot on a dynamic slice (``Unsupported element type for DotThunk``).
+    """
+    if a.dtype != acc or b.dtype != acc:
+        return total + jnp.dot(a, b, preferred_element_type=acc)
+    vocab = total.shape[1]
+    block = _vocab.product_columns(total.shape[0], vocab)
+    count, rest = divmod(vocab, block)
+
+    def step(j, total):
+        start = j * block
+        part = jnp.dot(
+            a, lax.dynamic_slice_in_dim(b, start, block, axis=1), preferred_element_type=acc
+        )
+        current = lax.dynamic_slice_in_dim(total, start, block, axis=1)
+        return lax.dynamic_update_slice_in_dim(total, current + part, start, axis=1)
+
+    total = lax.fori_loop(0, count, step, total)
+    if rest:
+        tail = jnp.dot(a, b[:, count * block :], preferred_element_type=acc)
+        total = total.at[:, count * block :].add(tail)
+    return total
+
+
 def _row_block(a: Array, start, rows: int):
     return lax.dynamic_slice_in_dim(a, start, rows, axis=0)
 
@@ -314,7 +343,10 @@ def _grads_in_forward(cfg: _Config, x, w, b, u, y, offset, keep, coef: _Coef, ne
     operand = jnp.result_type(x.dtype, w.dtype)
     zero = jnp.zeros((), acc)
     cols = lax.iota(jnp.int32, vocab)
-    valid = (offset + cols < cfg.limit)[None, :]
+    shards = 1 if axis is None else lax.axis_size(axis)
+    # Without padding columns every column is real: no mask to build or apply.
+    padded = cfg.limit < vocab * shards
+    valid = (offset + cols < cfg.limit)[None, :] if padded else None
     ucol = None if u is None else u.astype(acc)[None, :]
     alpha, beta = coef.alpha, coef.beta
     gamma = jnp.zeros((n,), acc) if coef.gamma is None else coef.gamma
@@ -331,7 +363,7 @@ def _grads_in_forward(cfg: _Config, x, w, b, u, y, offset, keep, coef: _Coef, ne
         if b is not None:
             z = z + b.astype(acc)[None, :]
         z = _cap(cfg, z)
-        zm = jnp.where(valid, z, -jnp.inf)
+        zm = z if valid is None else jnp.where(valid, z, -jnp.inf)
         # The shift cancels in the log-sum-exp: a constant to any outer derivative (and pmax
         # has no derivative rule).
         m_local = lax.stop_gradient(jnp.max(zm, axis=1))
@@ -339,12 +371,14 @@ def _grads_in_forward(cfg: _Config, x, w, b, u, y, offset, keep, coef: _Coef, ne
         shift = jnp.where(jnp.isfinite(m), m, zero)
         e = jnp.exp(zm - shift[:, None])
         s = jnp.sum(e, axis=1)
-        hit = cols[None, :] == yt[:, None]
-        zy = jnp.sum(jnp.where(hit, z, zero), axis=1)
+        # The label's logit by a gather (a label owned by another shard, or none, is -1).
+        owned = yt >= 0
+        label = jnp.maximum(yt, 0)
+        zy = jnp.where(owned, jnp.take_along_axis(z, label[:, None], axis=1)[:, 0], zero)
         tot = jnp.zeros((rows,), acc)
         if cfg.want_sum:
             zu = z if ucol is None else z * ucol
-            tot = jnp.sum(jnp.where(valid, zu, zero), axis=1)
+            tot = jnp.sum(zu if valid is None else jnp.where(valid, zu, zero), axis=1)
         if axis is not None:
             s, zy, tot = (lax.psum(t, axis) for t in (s, zy, tot))
         lse = shift + jnp.log(s)
@@ -363,12 +397,15 @@ def _grads_in_forward(cfg: _Config, x, w, b, u, y, offset, keep, coef: _Coef, ne
         # d t / d z = (alpha + 2 zeta lse) p + beta onehot(y) + gamma u, on the real columns.
         g_lse = jnp.where(kt, at + 2 * zt * lse, zero) / s
         dz = g_lse[:, None] * e
-        dz = dz + jnp.where(hit, jnp.where(kt, bt, zero)[:, None], zero)
         if cfg.want_sum:
             gk = jnp.where(kt, gt, zero)
-            dz = dz + jnp.where(valid, gk[:, None] * (1.0 if ucol is None else ucol), zero)
+            smooth = gk[:, None] * (1.0 if ucol is None else ucol)
+            dz = dz + (smooth if valid is None else jnp.where(valid, smooth, zero))
             if du is not None:
-                du = du + jnp.dot(gk, jnp.where(valid, z, zero), preferred_element_type=acc)
+                zv = z if valid is None else jnp.where(valid, z, zero)
+                du = du + jnp.dot(gk, zv, preferred_element_type=acc)
+        # beta onehot(y): one entry per token, scattered rather than compared over the tile.
+        dz = dz.at[jnp.arange(rows), label].add(jnp.where(kt & owned, bt, zero))
         # Dropped tokens take no part: selects, not products, keep a NaN in their hidden
         # state out of the gradient (0 * NaN is NaN), as the materialised loss's select does.
         dz = jnp.where(kt[:, None], dz * _cap_slope(cfg, z), zero)
@@ -378,7 +415,7 @@ def _grads_in_forward(cfg: _Config, x, w, b, u, y, offset, keep, coef: _Coef, ne
             dx = lax.dynamic_update_slice_in_dim(dx, dxt, start, axis=0)
         if dw is not None:
             xk = jnp.where(kt[:, None], xt, jnp.zeros((), xt.dtype))
-            dw = dw + jnp.dot(xk.T, dzc, preferred_element_type=acc)
+            dw = _add_product(dw, xk.T, dzc, acc)
         if db is not None:
             db = db + jnp.sum(dz, axis=0)
         return (total_loss, stats, dx, dw, db, du), None

@@ -90,10 +90,13 @@ def varying_like(arrays, *refs):
 
 # ------------------------------------------------------------------ token tiles (added)
 
-# Automatic token tile of a gradient-in-forward scan (tokens x whole local vocabulary): about
-# twice the elements of a vocabulary tile, since fewer, larger tiles amortise packing the
-# whole weight for each tile's matmuls, and at least MIN_ROWS tokens.
-ROW_TILE_ELEMENTS = 2 * TILE_ELEMENTS
+# Automatic token tile of a gradient-in-forward scan (tokens x whole local vocabulary): four
+# times the elements of a vocabulary tile (2**24, 64 MiB in float32), since fewer, larger
+# tiles amortise packing the whole weight for each tile's matmuls (measured on CPU,
+# benchmarks/README.md), and at least MIN_ROWS tokens.
+ROW_TILE_ELEMENTS = 4 * TILE_ELEMENTS
+# Columns of one block of the dW accumulation: a (D x block) product of about 2**22 elements.
+PRODUCT_ELEMENTS = 1 << 22
 MIN_ROWS = 128
 
 
@@ -108,6 +111,12 @@ def auto_rows(num_tokens: int, vocab: int, chunk: int | None = None) -> int:
     else:
         rows = chunk * max(num_tokens, 1) // max(vocab, 1)
     return max(1, min(rows, num_tokens))
+
+
+def product_columns(rows: int, vocab: int) -> int:
+    """Columns per block when a ``(rows, vocab)`` accumulator is updated block by block."""
+    block = max(128, PRODUCT_ELEMENTS // max(rows, 1) // 128 * 128)
+    return min(block, vocab)
 
 
 def varying_axes(*refs) -> frozenset:

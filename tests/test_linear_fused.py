@@ -15,6 +15,7 @@ from jax.experimental import checkify
 from test_linear import assert_close, make, materialised
 
 import jaxce
+from jaxce import _vocab
 from jaxce import linear_softmax_cross_entropy as fused
 
 N, D, V = 45, 13, 203  # odd sizes: tiles of both scans are shifted
@@ -143,6 +144,28 @@ def test_fast_path_scales_by_the_cotangent(rng, reduction):
         jax.tree.leaves((out, vjp(ct))), jax.tree.leaves((ref, ref_vjp(ct))), strict=True
     ):
         assert_close(a, c)
+
+
+def test_weight_gradient_in_column_blocks_with_a_shorter_last_block(rng, monkeypatch):
+    """The fast path adds each token tile's dW a block of columns at a time: several blocks
+    and a remainder (333 = 2 * 128 + 77 columns) give the materialised gradients, with and
+    without label smoothing (its gradient touches every column) and with a bias."""
+    monkeypatch.setattr(_vocab, "PRODUCT_ELEMENTS", 128 * 37)
+    assert _vocab.product_columns(37, 333) == 128
+    h, w, b, y, sw = make(rng, 90, 37, 333, ignore_frac=0.2)
+    for eps in (0.0, 0.2):
+        kw = {"bias": b, "ignore_index": -100, "sample_weights": sw, "label_smoothing": eps}
+
+        def f(h, w, b, kw=kw):
+            return fused(h, w, y, reduction="mean", chunk_size=111, **{**kw, "bias": b})
+
+        def g(h, w, b, kw=kw):
+            return materialised(h, w, y, reduction="mean", **{**kw, "bias": b})
+
+        got = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(h, w, b)
+        want = jax.value_and_grad(g, argnums=(0, 1, 2))(h, w, b)
+        for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert_close(a, c)
 
 
 def test_transformations_vmap_checkpoint_vjp(rng):
