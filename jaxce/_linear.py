@@ -369,12 +369,12 @@ def _grads_in_forward(cfg: _Config, x, w, b, u, y, offset, keep, coef: _Coef, ne
         m_local = lax.stop_gradient(jnp.max(zm, axis=1))
         m = m_local if axis is None else lax.pmax(m_local, axis)
         shift = jnp.where(jnp.isfinite(m), m, zero)
-        e = jnp.exp(zm - shift[:, None])
-        s = jnp.sum(e, axis=1)
+        s = jnp.sum(jnp.exp(zm - shift[:, None]), axis=1)
         # The label's logit by a gather (a label owned by another shard, or none, is -1).
         owned = yt >= 0
         label = jnp.maximum(yt, 0)
-        zy = jnp.where(owned, jnp.take_along_axis(z, label[:, None], axis=1)[:, 0], zero)
+        zy_local = jnp.take_along_axis(z, label[:, None], axis=1)[:, 0]
+        zy = jnp.where(owned, zy_local, zero)
         tot = jnp.zeros((rows,), acc)
         if cfg.want_sum:
             zu = z if ucol is None else z * ucol
@@ -394,9 +394,11 @@ def _grads_in_forward(cfg: _Config, x, w, b, u, y, offset, keep, coef: _Coef, ne
             lax.dynamic_update_slice_in_dim(full, part, start, axis=0)
             for full, part in zip(stats, (lse, zy, tot, arg), strict=True)
         )
-        # d t / d z = (alpha + 2 zeta lse) p + beta onehot(y) + gamma u, on the real columns.
-        g_lse = jnp.where(kt, at + 2 * zt * lse, zero) / s
-        dz = g_lse[:, None] * e
+        # d t / d z = (alpha + 2 zeta lse) p + beta onehot(y) + gamma u, on the real columns,
+        # times the cap's slope. p is recomputed from z rather than kept from the sum above,
+        # so that z's buffer can become dz's: one tile-sized array alive, not two.
+        g_lse = jnp.where(kt, at + 2 * zt * lse, zero)
+        dz = g_lse[:, None] * jnp.exp(zm - lse[:, None])
         if cfg.want_sum:
             gk = jnp.where(kt, gt, zero)
             smooth = gk[:, None] * (1.0 if ucol is None else ucol)
@@ -404,11 +406,12 @@ def _grads_in_forward(cfg: _Config, x, w, b, u, y, offset, keep, coef: _Coef, ne
             if du is not None:
                 zv = z if valid is None else jnp.where(valid, z, zero)
                 du = du + jnp.dot(gk, zv, preferred_element_type=acc)
-        # beta onehot(y): one entry per token, scattered rather than compared over the tile.
-        dz = dz.at[jnp.arange(rows), label].add(jnp.where(kt & owned, bt, zero))
         # Dropped tokens take no part: selects, not products, keep a NaN in their hidden
         # state out of the gradient (0 * NaN is NaN), as the materialised loss's select does.
         dz = jnp.where(kt[:, None], dz * _cap_slope(cfg, z), zero)
+        # beta onehot(y): one entry per token, scattered rather than compared over the tile.
+        label_term = jnp.where(kt & owned, bt * _cap_slope(cfg, zy_local), zero)
+        dz = dz.at[jnp.arange(rows), label].add(label_term)
         dzc = dz.astype(operand)
         if dx is not None:
             dxt = jnp.dot(dzc, w.T, preferred_element_type=acc)
