@@ -40,7 +40,7 @@ Array: TypeAlias = jax.Array
 ArrayLike: TypeAlias = jax.typing.ArrayLike
 
 # Smallest automatic token tile for which the gradient-in-forward path is taken.
-_FAST_MIN_ROWS = 256
+_FAST_MIN_ROWS = 512
 
 
 class LinearCrossEntropyAux(NamedTuple):
@@ -578,15 +578,16 @@ def linear_softmax_cross_entropy(
     *gradient-in-forward* path when differentiated: one scan over token tiles, each against
     the whole (local) vocabulary, computes the loss and ``dhidden``, ``dweight``, ``dbias``
     together (three matmuls, like the materialised loss), and the backward only scales them
-    by the incoming cotangent. A token tile has about ``2**23`` elements (at least 128
-    tokens), or ``chunk_size * tokens`` elements when ``chunk_size`` is given. With
-    ``chunk_size=None`` this path is taken when a tile holds at least 256 tokens or all of
+    by the incoming cotangent. A token tile has about ``2**24`` elements (at least 128
+    tokens), or ``chunk_size * tokens`` elements when ``chunk_size`` is given; each tile's
+    ``dweight`` is added into the accumulator a block of columns at a time, in place. With
+    ``chunk_size=None`` this path is taken when a tile holds at least 512 tokens or all of
     them (e.g. ``V <= 32768``); past that, re-reading the weight and the ``dweight``
-    accumulator for every small tile costs more than the matmul it saves, and the recompute
-    path runs instead. Plain
+    accumulator for every small tile costs as much as the matmul it saves (measured equal at
+    ``V=65536``), and the recompute path, which needs less memory, runs instead. Plain
     evaluation (no gradient) runs the cheap forward scan either way. Memory beyond inputs and
     outputs: one tile and a few of its elementwise temporaries, plus the float32 ``dhidden``
-    (recompute) or one float32 ``dweight``-sized accumulator (gradient in forward); the
+    (recompute) or the float32 ``dweight`` accumulator (gradient in forward); the
     ``(tokens, V)`` logits never exist. Measured on a 2-core CPU at ``N=4096, D=1024,
     V=32768`` float32 (``benchmarks/README.md``): see there for time and memory against the
     materialised loss.
