@@ -132,6 +132,7 @@ def main():
                 run()
                 times[name].append(time.perf_counter() - start)
         ref = float(np.median(times["optax"]))
+        digits = 2 if ref >= 1 else 4  # an accelerator's times are milliseconds
         print(f"N={n} D={d} V={v}  load average {os.getloadavg()}")
         for name, ts in times.items():
             med = float(np.median(ts))
@@ -139,7 +140,6 @@ def main():
                 mem = f"{temps[name] / 2**20:9.1f} MiB ({temps[name] / temps['optax']:.3f})"
             else:
                 mem = "not measured"
-            digits = 2 if ref >= 1 else 4  # an accelerator's times are milliseconds
             runs = " ".join(f"{t:.{digits}f}" for t in ts)
             print(f"  {name:>9}: {med:7.{digits}f} s ({med / ref:.2f}x optax) [{runs}]  temp {mem}")
         print(flush=True)

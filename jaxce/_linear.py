@@ -342,11 +342,15 @@ def _grads_in_forward(cfg: _Config, x, w, b, u, y, offset, keep, coef: _Coef, ne
     acc = _reduce.compute_dtype(x.dtype, w.dtype)
     operand = jnp.result_type(x.dtype, w.dtype)
     zero = jnp.zeros((), acc)
-    cols = lax.iota(jnp.int32, vocab)
     shards = 1 if axis is None else lax.axis_size(axis)
     # Without padding columns every column is real: no mask to build or apply.
     padded = cfg.limit < vocab * shards
-    valid = (offset + cols < cfg.limit)[None, :] if padded else None
+    valid = (offset + lax.iota(jnp.int32, vocab) < cfg.limit)[None, :] if padded else None
+
+    def on_real(a, fill):
+        """``a`` on the real columns, ``fill`` on the padding ones."""
+        return a if valid is None else jnp.where(valid, a, fill)
+
     ucol = None if u is None else u.astype(acc)[None, :]
     alpha, beta = coef.alpha, coef.beta
     gamma = jnp.zeros((n,), acc) if coef.gamma is None else coef.gamma
@@ -363,7 +367,7 @@ def _grads_in_forward(cfg: _Config, x, w, b, u, y, offset, keep, coef: _Coef, ne
         if b is not None:
             z = z + b.astype(acc)[None, :]
         z = _cap(cfg, z)
-        zm = z if valid is None else jnp.where(valid, z, -jnp.inf)
+        zm = on_real(z, -jnp.inf)
         # The shift cancels in the log-sum-exp: a constant to any outer derivative (and pmax
         # has no derivative rule).
         m_local = lax.stop_gradient(jnp.max(zm, axis=1))
@@ -378,7 +382,7 @@ def _grads_in_forward(cfg: _Config, x, w, b, u, y, offset, keep, coef: _Coef, ne
         tot = jnp.zeros((rows,), acc)
         if cfg.want_sum:
             zu = z if ucol is None else z * ucol
-            tot = jnp.sum(zu if valid is None else jnp.where(valid, zu, zero), axis=1)
+            tot = jnp.sum(on_real(zu, zero), axis=1)
         if axis is not None:
             s, zy, tot = (lax.psum(t, axis) for t in (s, zy, tot))
         lse = shift + jnp.log(s)
@@ -401,11 +405,9 @@ def _grads_in_forward(cfg: _Config, x, w, b, u, y, offset, keep, coef: _Coef, ne
         dz = g_lse[:, None] * jnp.exp(zm - lse[:, None])
         if cfg.want_sum:
             gk = jnp.where(kt, gt, zero)
-            smooth = gk[:, None] * (1.0 if ucol is None else ucol)
-            dz = dz + (smooth if valid is None else jnp.where(valid, smooth, zero))
+            dz = dz + on_real(gk[:, None] * (1.0 if ucol is None else ucol), zero)
             if du is not None:
-                zv = z if valid is None else jnp.where(valid, z, zero)
-                du = du + jnp.dot(gk, zv, preferred_element_type=acc)
+                du = du + jnp.dot(gk, on_real(z, zero), preferred_element_type=acc)
         # Dropped tokens take no part: selects, not products, keep a NaN in their hidden
         # state out of the gradient (0 * NaN is NaN), as the materialised loss's select does.
         dz = jnp.where(kt[:, None], dz * _cap_slope(cfg, z), zero)

@@ -438,7 +438,7 @@ def _prepare(
         # their cotangents (partial sums per shard) are summed over it by the transpose.
         x = _vocab.make_varying(x, (axis_name,))
         xt = _vocab.make_varying(xt, (axis_name,))
-    cfg = _Config(chunk=chunk, limit=int(vocab_size), axis_name=axis_name)
+    cfg = _Config(chunk=chunk, limit=vocab_size, axis_name=axis_name)
     ops = _Operands(x, weight, bias, xt, target_weight, target_bias)
     return _Prepared(cfg, ops, offset, batch, weights, acc)
 
