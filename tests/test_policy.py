@@ -704,6 +704,11 @@ def test_policy_gradient_bad_input(rng):
     call = jaxce.policy_gradient_loss
     with pytest.raises(ValueError, match="advantages"):
         call(lp, old, adv[:3], mask)
+    with pytest.raises(ValueError, match="advantages"):
+        call(lp, old, adv[:, None, None], mask)
+    # TRL's (B, 1) broadcasts, as does a scalar
+    np.testing.assert_allclose(call(lp, old, adv[:, None], mask), call(lp, old, adv, mask))
+    np.testing.assert_allclose(call(lp, old, 1.5, mask), call(lp, old, np.full(4, 1.5), mask))
     with pytest.raises(ValueError, match="old_log_probs"):
         call(lp, old[:, :2], adv, mask)
     with pytest.raises(ValueError, match="ref_log_probs"):
