@@ -159,8 +159,9 @@ def token_log_probs(model: CharLM, tokens, labels, temperature):
 
 
 @nnx.jit(static_argnames=("prompt_len", "completion_len", "group_size", "target"))
-def rollout(model, reference, prompts, key, temperature, *, prompt_len, completion_len,
-            group_size, target):  # fmt: skip
+def rollout(
+    model, reference, prompts, key, temperature, *, prompt_len, completion_len, group_size, target
+):
     """Samples ``group_size`` completions of each prompt and scores them.
 
     Returns the tokens, the labels, the rewards and advantages ``(B * group_size,)``, and the
@@ -206,7 +207,7 @@ def grpo_loss(model, batch, temperature, kl_coef, clip_epsilon):
     }
 
 
-@nnx.jit
+@nnx.jit(static_argnames="clip_epsilon")  # static: None (no clipping) is a different loss
 def grpo_update(model, optimizer, batch, temperature, kl_coef, clip_epsilon):
     grad_fn = nnx.value_and_grad(grpo_loss, has_aux=True)
     (loss, aux), grads = grad_fn(model, batch, temperature, kl_coef, clip_epsilon)
