@@ -722,12 +722,7 @@ def linear_softmax_cross_entropy(
     _checks.same_shape(labels, "labels", batch, f"`hidden` {hidden.shape} without its last axis")
     bias = _vocab.per_column(bias, "bias", local_vocab)
     class_weights = _vocab.per_column(class_weights, "class_weights", local_vocab)
-    if logit_softcap is not None:
-        if _checks.is_tracer(logit_softcap) or jnp.ndim(logit_softcap) != 0:
-            raise TypeError("`logit_softcap` must be a Python float or None.")
-        logit_softcap = float(logit_softcap)
-        if not logit_softcap > 0:
-            raise ValueError(f"`logit_softcap` must be positive, got {logit_softcap}.")
+    logit_softcap = _vocab.logit_softcap(logit_softcap)
     _checks.reduction(reduction)
     acc = _reduce.compute_dtype(hidden.dtype, weight.dtype)
     eps = _hyperparameter(label_smoothing, "label_smoothing", acc, UNIT_INTERVAL)

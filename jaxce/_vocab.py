@@ -193,3 +193,15 @@ def chunk_size(value) -> int | None:
     if not _checks.is_int(value) or value < 1:
         raise ValueError(f"`chunk_size` must be a positive int or None, got {value!r}.")
     return int(value)
+
+
+def logit_softcap(value) -> float | None:
+    """A static ``logit_softcap``: a positive Python float, or ``None`` for no cap."""
+    if value is None:
+        return None
+    if _checks.is_tracer(value) or jnp.ndim(value) != 0:
+        raise TypeError("`logit_softcap` must be a Python float or None.")
+    value = float(value)
+    if not value > 0:
+        raise ValueError(f"`logit_softcap` must be positive, got {value}.")
+    return value
