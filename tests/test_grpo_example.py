@@ -20,10 +20,11 @@ pytest.importorskip("tqdm")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-# A model and run small enough for a few seconds; the reward still moves at this learning rate.
+# A model and run small enough for seconds (most of it compilation); at this learning rate the
+# reward still rises step after step (0.02 -> 0.23 in 8 steps for seed 0).
 SMALL = (
-    "--pretrain-steps 20 --steps 6 --batch-size 2 --group-size 4 --prompt-len 8 "
-    "--completion-len 8 --dim 16 --layers 1 --lr 3e-3 --no-progress"
+    "--pretrain-steps 20 --steps 8 --batch-size 4 --group-size 8 --prompt-len 8 "
+    "--completion-len 12 --dim 16 --layers 1 --lr 1e-2 --no-progress"
 )
 SUMMARY = re.compile(
     r"(?P<name>\w+): backend=\w+ steps=(?P<steps>\d+) "
@@ -68,6 +69,7 @@ def test_only_the_completion_is_scored():
     np.testing.assert_array_equal(labels[0, 3:], np.arange(9, 15))  # the 6 sampled characters
 
 
+@pytest.mark.slow  # compiles the sampler and the fused log-probs: seconds on a loaded CPU
 def test_sampling_keeps_the_prompt_and_the_log_probs_are_those_of_the_sampler():
     example = load_example()
     model = example.CharLM(12, 10, 8, 1, rngs=nnx.Rngs(0))
@@ -127,13 +129,16 @@ def run(tmp_path, capsys, options: str) -> tuple[dict, re.Match]:
 def test_grpo_smoke(tmp_path, capsys):
     metrics, _ = run(tmp_path, capsys, SMALL)
     assert metrics["pretrain_last_loss"] < metrics["pretrain_first_loss"]
-    assert metrics["completions_per_step"] == 8
-    assert metrics["last_reward_mean"] > metrics["first_reward"], metrics["history"]["reward"]
+    assert metrics["completions_per_step"] == 32
+    rewards = metrics["history"]["reward"]
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.05, rewards  # GRPO raised it
 
 
 @pytest.mark.slow
 def test_dpo_smoke(tmp_path, capsys):
-    metrics, _ = run(tmp_path, capsys, SMALL + " --method dpo --steps 3")
+    # Pre-training is the same code as in the GRPO run: left out here to save its compilation.
+    metrics, _ = run(tmp_path, capsys, SMALL + " --method dpo --steps 2 --pretrain-steps 0")
+    assert metrics["pretrain_first_loss"] is None
     assert metrics["method"] == "dpo"
     # The first update is at the reference: DPO's sigmoid loss is log 2 there.
     assert metrics["history"]["loss"][0] == pytest.approx(math.log(2), abs=1e-5)
