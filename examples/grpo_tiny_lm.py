@@ -284,7 +284,11 @@ def save_figure(path, pretrain_losses, history, target: str, method: str) -> Non
 def parse_args(argv=None):
     parser = command_line(__doc__, steps=60, batch_size=8, lr=3e-4)
     parser.add_argument(
-        "--method", choices=("grpo", "dpo"), default="grpo", help="the fine-tuning loss"
+        "--method",
+        choices=("grpo", "dpo"),
+        default="grpo",
+        metavar="METHOD",
+        help="the fine-tuning loss: grpo or dpo",
     )
     parser.add_argument("--pretrain-steps", type=int, default=400, help="pre-training steps")
     parser.add_argument("--pretrain-lr", type=float, default=3e-3, help="pre-training peak lr")
