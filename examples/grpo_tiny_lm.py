@@ -303,7 +303,9 @@ def parse_args(argv=None):
         "--kl-coef", type=float, default=0.2, help="weight of the k3 KL penalty (GRPO)"
     )
     parser.add_argument("--clip-epsilon", type=float, default=0.2, help="PPO clip range (GRPO)")
-    parser.add_argument("--beta", type=float, default=0.1, help="DPO's beta")
+    parser.add_argument(
+        "--beta", type=float, default=1.0, help="DPO's beta (larger: nearer the reference)"
+    )
     parser.add_argument(
         "--updates-per-batch", type=int, default=2, help="optimizer steps on each batch of samples"
     )
