@@ -227,7 +227,7 @@ def preference_pairs(rewards, group_size: int):
     return best, worst, groups.max(axis=-1) > groups.min(axis=-1)
 
 
-def dpo_loss(model, batch, temperature, beta, group_size):
+def online_dpo_loss(model, batch, temperature, beta, group_size):
     tokens, labels, rewards, _, _, ref_log_probs = batch
     log_probs, entropy = token_log_probs(model, tokens, labels, temperature)
     on_completion = labels != IGNORE
@@ -247,7 +247,7 @@ def dpo_loss(model, batch, temperature, beta, group_size):
 
 @nnx.jit(static_argnames="group_size")
 def dpo_update(model, optimizer, batch, temperature, beta, group_size: int):
-    grad_fn = nnx.value_and_grad(dpo_loss, has_aux=True)
+    grad_fn = nnx.value_and_grad(online_dpo_loss, has_aux=True)
     (loss, aux), grads = grad_fn(model, batch, temperature, beta, group_size)
     optimizer.update(model, grads)
     return loss, aux
