@@ -161,12 +161,8 @@ def linear_log_probs(
       et al., *Proximal Policy Optimization Algorithms*, 2017; Rafailov et al., *Direct
       Preference Optimization*, 2023.
     """
-    hidden, weight = _vocab.hidden_and_kernel(hidden, "hidden", weight, "weight")
+    hidden, weight, labels, bias, batch = _vocab.labelled_inputs(hidden, weight, labels, bias)
     d_model, local_vocab = weight.shape
-    labels = _checks.as_integer(labels, "labels")
-    batch = hidden.shape[:-1]
-    _checks.same_shape(labels, "labels", batch, f"`hidden` {hidden.shape} without its last axis")
-    bias = _vocab.per_column(bias, "bias", local_vocab)
     softcap = _vocab.logit_softcap(logit_softcap)
     chunk_size = _vocab.chunk_size(chunk_size)
     offset, vocab_size = _vocab.shards(axis_name, local_vocab, vocab_size)
@@ -187,8 +183,7 @@ def linear_log_probs(
     # Ignored tokens are computed on zero hidden states: their outputs are replaced by 0 below
     # and a NaN in them reaches neither the outputs nor the gradients.
     x = jnp.where(keep[:, None], x, jnp.zeros((), x.dtype))
-    y = safe.reshape(num_tokens).astype(jnp.int32) - offset
-    y = jnp.where((y >= 0) & (y < local_vocab), y, -1)
+    y = _vocab.local_labels(safe, offset, local_vocab)
     if axis_name is not None:
         # hidden is replicated over the vocabulary axis; marked device-varying, its cotangent
         # (a partial sum per shard) is summed over the axis by the transpose.

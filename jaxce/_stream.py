@@ -63,6 +63,7 @@ class Spec(NamedTuple):
     axis_name: str | None = None  # vocab-parallel mesh axis
     softcap: float | None = None  # s in s * tanh(z / s), on every head
     temperature_grad: bool = False  # give ``inv_t`` a cotangent
+    same_temperature: bool = False  # two heads whose ``inv_t`` are the same value
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -111,25 +112,38 @@ class Block(NamedTuple):
     valid: Array  # (1, C) fresh (not shared with the previous block) and not padding
     start: Array  # first local column of the block
     u: Any  # (C,) block of the per-column weights, or None
+    gap: Any  # (N, C) z of head 1 minus z of head 0 (two heads), else None
 
 
 def block(spec: Spec, heads, u, i, offset) -> Block:
     acc = acc_dtype(heads)
-    zs, caps, ws = [], [], []
+    raw, ws, bs = [], [], []
     cols = fresh = start = None
     for h in heads:
         wc, bc, cols, fresh, start = _vocab.column_block(h.w, h.b, i, spec.chunk)
-        z = jnp.dot(h.x, wc, preferred_element_type=acc)
+        ws.append(wc)
+        bs.append(bc)
+    raw = [jnp.dot(h.x, wc, preferred_element_type=acc) for h, wc in zip(heads, ws, strict=True)]
+    zs, caps = [], []
+    for h, z, bc in zip(heads, raw, bs, strict=True):
         if bc is not None:
             z = z + bc.astype(acc)[None, :]
         c = cap(spec.softcap, z)
         caps.append(c)
         zs.append(c if h.inv_t is None else c * _per_row(h.inv_t).astype(acc))
-        ws.append(wc)
     assert cols is not None and fresh is not None and start is not None
     valid = fresh & (offset + cols < spec.limit)
     ub = None if u is None else lax.dynamic_slice_in_dim(u, start, spec.chunk).astype(acc)
-    return Block(tuple(zs), tuple(caps), tuple(ws), cols, valid[None, :], start, ub)
+    gap = None
+    if len(heads) == 2:
+        # c - a from the logits before a shared temperature: equal heads give exactly 0 (the
+        # difference of the tempered logits may be contracted into an FMA that does not).
+        inv_t = heads[0].inv_t
+        if spec.same_temperature and inv_t is not None:
+            gap = (caps[1] - caps[0]) * _per_row(inv_t).astype(acc)
+        else:
+            gap = zs[1] - zs[0]
+    return Block(tuple(zs), tuple(caps), tuple(ws), cols, valid[None, :], start, ub, gap)
 
 
 class Online(NamedTuple):
@@ -355,9 +369,8 @@ class Entropy(Stat):
 
 def _log_ratio_update(carry, t: Fwd):
     """Online ``sum_v e^(a_v - m_a) expm1(c_v - a_v)`` against the student's (head 0) shift."""
-    a, c = t.block.z
     step = t.steps[0]  # type: ignore[index]
-    return step.rescale * carry + jnp.sum(weighted(step.e, jnp.expm1(c - a)), axis=1)
+    return step.rescale * carry + jnp.sum(weighted(step.e, jnp.expm1(t.block.gap)), axis=1)
 
 
 def _log_ratio_finish(carry, f: Final) -> Array:
@@ -397,9 +410,8 @@ class KLDivergence(Stat):
 
     def update(self, carry, t):
         gap_sum, ratio_sum = carry
-        a, c = t.block.z
         step = t.steps[1]  # type: ignore[index]
-        gap_sum = step.rescale * gap_sum + jnp.sum(weighted(step.e, c - a), axis=1)
+        gap_sum = step.rescale * gap_sum + jnp.sum(weighted(step.e, t.block.gap), axis=1)
         return gap_sum, _log_ratio_update(ratio_sum, t)
 
     def finish(self, carry, f):
@@ -414,10 +426,9 @@ class KLDivergence(Stat):
         return kl, gap
 
     def grads(self, g, gap, t):
-        a, c = t.block.z
         p, q = t.p
         row = g[:, None]
-        return (row * (p - q), row * weighted(q, c - a - gap[:, None])), None, None
+        return (row * (p - q), row * weighted(q, t.block.gap - gap[:, None])), None, None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -470,7 +481,7 @@ def _js_terms(blk: Block, lse, ratio, beta):
     lp = jnp.where(blk.valid, a - lse[0][:, None], -jnp.inf)
     lq = jnp.where(blk.valid, c - lse[1][:, None], -jnp.inf)
     p, q = jnp.exp(lp), jnp.exp(lq)
-    d = (c - a) - ratio[:, None]  # log Q - log P on the real columns
+    d = blk.gap - ratio[:, None]  # log Q - log P on the real columns
     zero = jnp.zeros((), a.dtype)
     d = jnp.where(blk.valid, d, zero)
     rp = -jnp.log1p((1 - beta) * jnp.expm1(d))
@@ -557,10 +568,13 @@ def forward(spec: Spec, heads, u, y, offset, params):
     return tuple(outputs), (tuple(residuals), lse)
 
 
-def gradients(spec: Spec, heads, u, y, offset, params, residuals, lse, cotangents):
+def gradients(
+    spec: Spec, heads, u, y, offset, params, residuals, lse, cotangents, *, localize=True
+):
     """Cotangents ``(heads, u, params)`` for per-token ``cotangents`` of the statistics
     (``None`` or a ``SymbolicZero``: that statistic takes no part): one scan that recomputes
-    each block's logits.
+    each block's logits. ``localize=False`` leaves the cotangents as accumulated (``dx`` in
+    the accumulation dtype, possibly device-varying over more mesh axes than the primals).
     """
     acc = acc_dtype(heads)
     zero = jnp.zeros((), acc)
@@ -646,6 +660,8 @@ def gradients(spec: Spec, heads, u, y, offset, params, residuals, lse, cotangent
     def local(ct, ref) -> Any:
         if ct is None or ref is None:
             return None
+        if not localize:
+            return ct
         return _vocab.sum_over_extra_axes(ct, ref).astype(jnp.result_type(ref))
 
     d_heads = tuple(

@@ -205,3 +205,21 @@ def logit_softcap(value) -> float | None:
     if not value > 0:
         raise ValueError(f"`logit_softcap` must be positive, got {value}.")
     return value
+
+
+def labelled_inputs(hidden, weight, labels, bias):
+    """``(hidden, weight, labels, bias, batch)`` of a loss with integer labels, checked:
+    ``hidden (..., D)``, ``weight (D, V)``, ``labels`` of shape ``hidden.shape[:-1]``,
+    an optional ``bias (V,)``.
+    """
+    hidden, weight = hidden_and_kernel(hidden, "hidden", weight, "weight")
+    labels = _checks.as_integer(labels, "labels")
+    batch = hidden.shape[:-1]
+    _checks.same_shape(labels, "labels", batch, f"`hidden` {hidden.shape} without its last axis")
+    return hidden, weight, labels, per_column(bias, "bias", weight.shape[1]), batch
+
+
+def local_labels(safe_labels: Array, offset, local_vocab: int) -> Array:
+    """Flat int32 local column ids of global labels, ``-1`` where not in this shard."""
+    y = safe_labels.reshape(-1).astype(jnp.int32) - offset
+    return jnp.where((y >= 0) & (y < local_vocab), y, -1)
