@@ -22,6 +22,9 @@ ArrayLike: TypeAlias = jax.typing.ArrayLike
 
 KLEstimator: TypeAlias = Literal["k1", "k2", "k3"]
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+Aggregation: TypeAlias = Literal[
+    "token_mean", "sequence_mean", "sequence_sum", "none", "sum_and_weight"
+]
 AGGREGATIONS: tuple[str, ...] = (
     "token_mean",
     "sequence_mean",
@@ -37,8 +40,13 @@ _SERIES_LIMIT = 1.0
 _SERIES_TERMS = {2: 8, 4: 10, 8: 18}  # by the dtype's size in bytes
 
 
+@jax.custom_jvp
 def _exp_minus_one_minus(d: Array) -> Array:
-    r"""``exp(d) - 1 - d``, accurate to a few ulps for every ``d`` (``+inf`` at ``+inf``)."""
+    r"""``exp(d) - 1 - d``, accurate to a few ulps for every ``d`` (``+inf`` at ``+inf``).
+
+    Its derivative is ``expm1(d)`` (a ``custom_jvp``: exact, and the series is not
+    differentiated term by term, which made second-order derivatives slow to compile).
+    """
     small = jnp.abs(d) < _SERIES_LIMIT
     ds = jnp.where(small, d, jnp.zeros((), d.dtype))  # double where: no overflow off-branch
     terms = _SERIES_TERMS[jnp.dtype(d.dtype).itemsize]
@@ -49,6 +57,12 @@ def _exp_minus_one_minus(d: Array) -> Array:
     dl = jnp.where(small | (d == jnp.inf), jnp.ones((), d.dtype), d)
     large = jnp.where(d == jnp.inf, jnp.full((), jnp.inf, d.dtype), jnp.expm1(dl) - dl)
     return jnp.where(small, series, large)
+
+
+@_exp_minus_one_minus.defjvp
+def _exp_minus_one_minus_jvp(primals, tangents):
+    (d,), (t,) = primals, tangents
+    return _exp_minus_one_minus(d), jnp.expm1(d) * t
 
 
 def kl_estimate(log_probs: Array, ref_log_probs: Array, estimator: str) -> Array:
@@ -152,9 +166,11 @@ def _advantages_to_tokens(adv: Array, lay: _sequence.Layout) -> Array:
     if adv.shape == lay.sequence_shape:
         return lay.to_tokens(adv)
     per_sequence = "(..., num_segments)" if lay.packed else "the token shape minus its last axis"
-    raise ValueError(
-        f"`advantages` has shape {adv.shape}; it must have the token shape {lay.token_shape} "
-        f"(one per token) or {lay.sequence_shape} (one per sequence: {per_sequence})."
+    return _checks.broadcastable(
+        adv,
+        "advantages",
+        lay.token_shape,
+        f"one per token, or {lay.sequence_shape}: one per sequence, {per_sequence}",
     )
 
 
@@ -210,7 +226,7 @@ def policy_gradient_loss(
     ref_log_probs: ArrayLike | None = None,
     kl_coef: float | ArrayLike = 0.0,
     kl_estimator: KLEstimator = "k3",
-    aggregation: str = "token_mean",
+    aggregation: Aggregation = "token_mean",
     max_length: int | None = None,
     segment_ids: ArrayLike | None = None,
     num_segments: int | None = None,
@@ -268,7 +284,8 @@ def policy_gradient_loss(
     may drop further tokens. The same sequences give the same loss in both layouts.
     ``advantages`` are per sequence (padded: shape ``(...)``, as TRL's ``(B,)``; packed:
     ``(..., num_segments)``, entry ``j`` for segment id ``j + 1``) or per token (the token
-    shape; when ``num_segments == T`` that shape is read as per token).
+    shape; when ``num_segments == T`` that shape is read as per token). Any other shape that
+    broadcasts to the token shape is broadcast to it (e.g. TRL's ``(B, 1)``).
 
     Dropped tokens (``where`` False, segment id 0) are selected away before any arithmetic: a
     NaN or infinity there reaches neither the loss nor a gradient. A NaN in a kept token's

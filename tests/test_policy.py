@@ -208,19 +208,40 @@ def test_kl_exact_zero_sign_and_nan():
     assert jaxce.sampled_kl_divergence(jnp.array([-jnp.inf]), jnp.array([0.0]))[0] == jnp.inf
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
-def test_kl_grads(rng, estimator):
+def test_kl_grads(rng):
     lp = -rng.uniform(0.1, 3.0, size=(2, 3))
     ref = lp + rng.normal(size=(2, 3)) * np.array([0.01, 0.5, 2.0])
-    check_grads_2(lambda a, b: jaxce.sampled_kl_divergence(a, b, estimator=estimator), (lp, ref))
+    estimators = ("k1", "k2", "k3")
+    check_grads_2(
+        lambda a, b: jnp.stack(
+            [jaxce.sampled_kl_divergence(a, b, estimator=e) for e in estimators], axis=-1
+        ),
+        (lp, ref),
+    )
     # the gradient is the formula's own: d k / d log_probs
     d = ref - lp
-    want = {"k1": np.ones_like(d), "k2": -d, "k3": -np.expm1(d)}[estimator]
-    with jax.enable_x64(True):
-        g = jax.grad(lambda a: jnp.sum(jaxce.sampled_kl_divergence(a, ref, estimator=estimator)))(
-            lp
-        )
-    np.testing.assert_allclose(g, want, rtol=1e-12, atol=1e-14)
+    for estimator, want in zip(estimators, (np.ones_like(d), -d, -np.expm1(d)), strict=True):
+        with jax.enable_x64(True):
+            g = jax.grad(
+                lambda a, e=estimator: jnp.sum(jaxce.sampled_kl_divergence(a, ref, estimator=e))
+            )(lp)
+        np.testing.assert_allclose(g, want, rtol=1e-12, atol=1e-14)
+
+
+def test_k3_derivatives_at_infinite_log_ratios():
+    """k3's derivative is expm1(d) (its custom_jvp), in forward and reverse mode, to order 2."""
+    ref = jnp.array([-jnp.inf, 0.0, -1.0])
+    lp = jnp.array([-2.0, -jnp.inf, -1.0])  # d = -inf, +inf, 0
+    f = lambda x: jaxce.sampled_kl_divergence(x, ref)
+    np.testing.assert_array_equal(f(lp), [jnp.inf, jnp.inf, 0.0])
+    rev = jax.grad(lambda x: jnp.sum(f(x)))(lp)
+    fwd = jax.jvp(f, (lp,), (jnp.ones(3),))[1]
+    np.testing.assert_array_equal(rev, [1.0, -jnp.inf, 0.0])  # -expm1(d)
+    np.testing.assert_array_equal(fwd, rev)
+    second = jax.jvp(jax.grad(lambda x: jnp.sum(f(x))), (lp,), (jnp.ones(3),))[1]
+    np.testing.assert_array_equal(second, [0.0, jnp.inf, 1.0])  # exp(d)
+    hess = jax.hessian(lambda x: jnp.sum(jaxce.sampled_kl_divergence(x, ref[::2])))(lp[::2])
+    np.testing.assert_array_equal(hess, [[0.0, 0.0], [0.0, 1.0]])
 
 
 def test_kl_expected_gradients_follow_the_documented_kls():
@@ -283,7 +304,6 @@ def test_sequence_reduce_padded(rng, reduction):
     )
     g = jax.grad(lambda x: jnp.sum(jaxce.sequence_reduce(x, keep, reduction=reduction)))(v)
     np.testing.assert_array_equal(g[0, 0], 0.0)
-    check_grads_2(lambda x: jaxce.sequence_reduce(x, keep, reduction=reduction), (v,))
     f = lambda x, m: jaxce.sequence_reduce(x, m, reduction=reduction)
     assert_transforms_match_eager(f, v.astype(np.float32), keep)
 
@@ -307,10 +327,6 @@ def test_sequence_reduce_packed_equals_padded(rng, reduction):
     )
     want = np.stack([seq_reduce_ref(pv, drop & (pid == s + 1), reduction) for s in range(3)], -1)
     np.testing.assert_allclose(with_where, want, rtol=1e-6, atol=1e-7)
-    check_grads_2(
-        lambda x: jaxce.sequence_reduce(x, segment_ids=pid, num_segments=3, reduction=reduction),
-        (pv,),
-    )
     f = lambda x, ids: jaxce.sequence_reduce(
         x, segment_ids=ids, num_segments=3, reduction=reduction
     )
@@ -318,10 +334,24 @@ def test_sequence_reduce_packed_equals_padded(rng, reduction):
     eager = np.asarray(f(x32, pid))
     np.testing.assert_allclose(jax.jit(f)(x32, pid), eager, rtol=1e-6)
     np.testing.assert_allclose(jax.vmap(f)(x32, pid), eager, rtol=1e-6)
-    np.testing.assert_allclose(
-        jax.vmap(f, (1, None), 1)(x32[None].T.T.swapaxes(0, 1), pid),
-        eager[None].swapaxes(0, 1),
-        rtol=1e-6,
+    two = jax.vmap(f, (1, None), 1)(np.stack([x32, 2 * x32], 1), pid)
+    np.testing.assert_allclose(two, np.stack([eager, 2 * eager], 1), rtol=1e-6)
+
+
+def test_sequence_reduce_check_grads(rng):
+    v = rng.normal(size=(2, 5))
+    keep = np.array([[True, False, True, True, False], [False] * 5])
+    ids = np.array([[1, 1, 0, 2, 2], [3, 0, 3, 3, 1]])
+    check_grads_2(
+        lambda x: jnp.concatenate(
+            [jaxce.sequence_reduce(x, keep, reduction=r)[..., None] for r in ("sum", "mean")]
+            + [
+                jaxce.sequence_reduce(x, segment_ids=ids, num_segments=3, reduction=r)
+                for r in ("sum", "mean")
+            ],
+            axis=-1,
+        ),
+        (v,),
     )
 
 
@@ -458,46 +488,55 @@ def test_policy_gradient_matches_reference_value_and_grad(rng, case):
 
 def test_policy_gradient_check_grads(rng):
     lp, old, ref, adv, mask = pg_data(rng, b=2, t=3, spread=0.1)
-    for level in ("token", "sequence"):
-        check_grads_2(
-            lambda x, a, r, lv=level: jaxce.policy_gradient_loss(
-                x, old, a, mask, importance_sampling=lv, ref_log_probs=r, kl_coef=0.1
-            ),
-            (lp, adv, ref),
-        )
+    check_grads_2(
+        lambda x, a, r: jnp.stack(
+            [
+                jaxce.policy_gradient_loss(
+                    x, old, a, mask, importance_sampling=lv, ref_log_probs=r, kl_coef=0.1
+                )
+                for lv in ("token", "sequence")
+            ]
+        ),
+        (lp, adv, ref),
+    )
 
 
 def test_policy_gradient_reinforce_at_ratio_one(rng):
-    lp, _, ref, adv, mask = pg_data(rng)
+    lp, _, _, adv, mask = pg_data(rng)
+    lp32, adv32 = lp.astype(np.float32), adv.astype(np.float32)
     count = mask.sum()
     lengths = mask.sum(-1, keepdims=True)
-    for aggregation, weight in (
-        ("token_mean", np.full(lp.shape, 1.0 / count)),
-        ("sequence_mean", np.ones(lp.shape) / lengths / lp.shape[0]),
-        ("sequence_sum", np.full(lp.shape, 1.0 / (lp.shape[0] * 7))),
-    ):
-        for level in ("token", "sequence"):
-            for eps in (0.2, 0.0, None):
-                lp32 = lp.astype(np.float32)
-                g = jax.grad(
-                    lambda x, a=aggregation, lv=level, e=eps: jaxce.policy_gradient_loss(
-                        x,
-                        x,
-                        adv.astype(np.float32),
-                        mask,
-                        clip_epsilon=e,
-                        importance_sampling=lv,
-                        aggregation=a,
-                        max_length=7,
-                    )
-                )(lp32)
-                want = np.where(mask, -adv[:, None] * weight, 0.0).astype(np.float32)
-                np.testing.assert_allclose(g, want, rtol=1e-6, atol=0)
+    weights = {
+        "token_mean": np.full(lp.shape, 1.0 / count),
+        "sequence_mean": np.ones(lp.shape) / lengths / lp.shape[0],
+        "sequence_sum": np.full(lp.shape, 1.0 / (lp.shape[0] * 7)),
+    }
+    cases = [(a, lv, e) for a in weights for lv in ("token", "sequence") for e in (0.2, 0.0, None)]
+
+    @jax.jit
+    def grads(x):
+        return [
+            jax.grad(
+                lambda x, a=a, lv=lv, e=e: jaxce.policy_gradient_loss(
+                    x,
+                    x,
+                    adv32,
+                    mask,
+                    clip_epsilon=e,
+                    importance_sampling=lv,
+                    aggregation=a,
+                    max_length=7,
+                )  # fmt: skip
+            )(x)
+            for a, lv, e in cases
+        ]
+
+    for (aggregation, _, _), g in zip(cases, grads(lp32), strict=True):
+        want = np.where(mask, -adv[:, None] * weights[aggregation], 0.0).astype(np.float32)
+        np.testing.assert_allclose(g, want, rtol=1e-6, atol=0)
     # token level, token mean: bit-exact -A / count
-    g = jax.grad(lambda x: jaxce.policy_gradient_loss(x, x, adv.astype(np.float32), mask))(
-        lp.astype(np.float32)
-    )
-    want = np.where(mask, -adv[:, None].astype(np.float32) / np.float32(count), np.float32(0))
+    g = jax.grad(lambda x: jaxce.policy_gradient_loss(x, x, adv32, mask))(lp32)
+    want = np.where(mask, -adv32[:, None] / np.float32(count), np.float32(0))
     np.testing.assert_array_equal(g, want)
 
 
@@ -521,8 +560,15 @@ def test_policy_gradient_clip_sides_for_negative_advantages():
         )
 
 
-@pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "sequence_sum", "none"])
+@pytest.mark.parametrize(
+    ("aggregation", "level"),
+    [
+        ("token_mean", "token"),
+        ("sequence_mean", "sequence"),
+        ("sequence_sum", "token"),
+        ("none", "sequence"),
+    ],
+)
 def test_policy_gradient_packed_equals_padded(rng, level, aggregation):
     b, t, s = 6, 4, 3
     lp = -rng.uniform(0.1, 3.0, size=(b, t))
@@ -667,6 +713,11 @@ def test_policy_gradient_bad_input(rng):
     call = jaxce.policy_gradient_loss
     with pytest.raises(ValueError, match="advantages"):
         call(lp, old, adv[:3], mask)
+    with pytest.raises(ValueError, match="advantages"):
+        call(lp, old, adv[:, None, None], mask)
+    # TRL's (B, 1) broadcasts, as does a scalar
+    np.testing.assert_allclose(call(lp, old, adv[:, None], mask), call(lp, old, adv, mask))
+    np.testing.assert_allclose(call(lp, old, 1.5, mask), call(lp, old, np.full(4, 1.5), mask))
     with pytest.raises(ValueError, match="old_log_probs"):
         call(lp, old[:, :2], adv, mask)
     with pytest.raises(ValueError, match="ref_log_probs"):
