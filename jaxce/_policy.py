@@ -365,7 +365,10 @@ def policy_gradient_loss(
             "bounds to clip."
         )
     if ref_log_probs is None and not _checks.is_off(kl_coef):
-        raise ValueError("`kl_coef` is non-zero but `ref_log_probs` is not given.")
+        raise ValueError(
+            "`kl_coef` is non-zero (or traced) but `ref_log_probs` is not given: the KL penalty "
+            "needs the reference policy's log-probabilities."
+        )
     return _policy_gradient_loss(
         log_probs,
         old_log_probs,
