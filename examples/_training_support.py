@@ -12,8 +12,9 @@ the plumbing around them, so that a script reads top to bottom as "build, train,
   (``<name>.json`` and a one-line summary);
 * :func:`figure`: a matplotlib figure (no display needed) saved to a PNG on leaving the block;
 * the 8x8 digits data and the shuffled mini-batches that two of the scripts train on;
-* for the two character language models: the text corpus, a pre-norm transformer block and the
-  held-out next-character windows.
+* for the character language models: the text corpus and its encoding, a pre-norm transformer
+  block, a causal transformer with its own output head (:class:`CharLM`), random training
+  windows and the held-out next-character windows.
 
 The scripts import it as a sibling module: ``python examples/<script>.py`` puts ``examples/`` on
 ``sys.path`` (the tests' loader does the same).
@@ -30,6 +31,7 @@ import time
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -229,6 +231,13 @@ def load_stdlib_source(modules: tuple[str, ...]) -> str:
     return "\n\n".join(texts).replace("\t", "    ")
 
 
+def encode_chars(text: str, unknown: str = "?") -> tuple[np.ndarray, int]:
+    """Character ids (anything outside ``ALPHABET`` becomes ``unknown``) and the vocabulary size."""
+    index = {c: i for i, c in enumerate(ALPHABET)}
+    unk = index[unknown]
+    return np.array([index.get(c, unk) for c in text], np.int32), len(ALPHABET)
+
+
 class TransformerBlock(nnx.Module):
     """Pre-norm causal self-attention and a 4x GELU MLP, each with a residual connection."""
 
@@ -242,6 +251,41 @@ class TransformerBlock(nnx.Module):
     def __call__(self, x, mask):
         x = x + self.attn(self.norm1(x), mask=mask)
         return x + self.mlp_out(nnx.gelu(self.mlp_in(self.norm2(x))))
+
+
+class CharLM(nnx.Module):
+    """Pre-norm causal transformer; ``__call__`` returns hidden states, ``kernel`` the head's.
+
+    The output head is an ``nnx.Linear`` without bias, so the logits are ``hidden @ kernel()``
+    with the kernel ``(D, V)``: the layout of jaxce's fused losses, which take the hidden states
+    and the kernel instead of the logits.
+    """
+
+    def __init__(
+        self, vocab: int, seq_len: int, dim: int, layers: int, heads: int = 4, *, rngs: nnx.Rngs
+    ):
+        self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+        self.pos = nnx.Embed(seq_len, dim, rngs=rngs)
+        self.blocks = nnx.List([TransformerBlock(dim, heads, rngs=rngs) for _ in range(layers)])
+        self.norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.head = nnx.Linear(dim, vocab, use_bias=False, rngs=rngs)
+
+    def __call__(self, tokens):  # (B, T) int -> (B, T, D)
+        x = self.embed(tokens) + self.pos(jnp.arange(tokens.shape[-1]))[None]
+        mask = nnx.make_causal_mask(tokens)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+    def kernel(self):  # (D, V): the head's logits are hidden @ kernel
+        return self.head.kernel[...]
+
+
+def random_windows(rng: np.random.Generator, data: np.ndarray, batch: int, seq_len: int):
+    """``batch`` windows of ``data`` at random starts: ``(inputs, labels)``, shifted by one."""
+    starts = rng.integers(0, len(data) - seq_len - 1, size=batch)
+    windows = data[starts[:, None] + np.arange(seq_len + 1)[None, :]]
+    return windows[:, :-1], windows[:, 1:]
 
 
 def next_token_windows(data: np.ndarray, seq_len: int, max_windows: int):

@@ -27,58 +27,29 @@ teacher. Writes ``distill_lm.png`` (curves) and ``distill_lm.json`` into ``--out
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from _training_support import (
-    ALPHABET,
+    CharLM,
     ScriptRun,
-    TransformerBlock,
     command_line,
     count_params,
+    encode_chars,
     figure,
     load_stdlib_source,
     next_token_windows,
+    random_windows,
 )
 from flax import nnx
 
 import jaxce
 
 MODULES = ("textwrap.py", "string.py", "bisect.py", "heapq.py", "fnmatch.py", "shlex.py")
-UNKNOWN = "?"
 
 
 def load_corpus() -> str:
     """Source of ``MODULES`` from the running interpreter's standard library."""
     return load_stdlib_source(MODULES)
-
-
-def encode(text: str) -> tuple[np.ndarray, int]:
-    """Character ids (anything outside ``ALPHABET`` becomes ``?``) and the vocabulary size."""
-    index = {c: i for i, c in enumerate(ALPHABET)}
-    unk = index[UNKNOWN]
-    return np.array([index.get(c, unk) for c in text], np.int32), len(ALPHABET)
-
-
-class CharLM(nnx.Module):
-    """Pre-norm causal transformer; ``__call__`` returns hidden states, ``head`` the kernel."""
-
-    def __init__(self, vocab: int, seq_len: int, dim: int, layers: int, *, rngs: nnx.Rngs):
-        self.embed = nnx.Embed(vocab, dim, rngs=rngs)
-        self.pos = nnx.Embed(seq_len, dim, rngs=rngs)
-        self.blocks = nnx.List([TransformerBlock(dim, 4, rngs=rngs) for _ in range(layers)])
-        self.norm = nnx.LayerNorm(dim, rngs=rngs)
-        self.head = nnx.Linear(dim, vocab, use_bias=False, rngs=rngs)
-
-    def __call__(self, tokens):  # (B, T) int -> (B, T, D)
-        x = self.embed(tokens) + self.pos(jnp.arange(tokens.shape[-1]))[None]
-        mask = nnx.make_causal_mask(tokens)
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.norm(x)
-
-    def kernel(self):  # (D, V): the head's logits are hidden @ kernel
-        return self.head.kernel[...]
 
 
 def label_loss(model: CharLM, inputs, labels):
@@ -126,12 +97,6 @@ def evaluate(model, teacher, inputs, labels):
     return ce, kl
 
 
-def sample_batch(rng, data: np.ndarray, batch: int, seq_len: int):
-    starts = rng.integers(0, len(data) - seq_len - 1, size=batch)
-    windows = data[starts[:, None] + np.arange(seq_len + 1)[None, :]]
-    return windows[:, :-1], windows[:, 1:]
-
-
 def optimizer_for(model: CharLM, lr: float, steps: int) -> nnx.Optimizer:
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), max(steps, 2))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
@@ -173,7 +138,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     run = ScriptRun("distill_lm", args)
-    data, vocab = encode(load_corpus())
+    data, vocab = encode_chars(load_corpus())
     split = int(0.9 * len(data))
     train_data, val_data = data[:split], data[split:]
     val_x, val_y = next_token_windows(val_data, args.seq_len, max_windows=48)
@@ -184,7 +149,7 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(args.seed)
     teacher_losses = []
     for _ in run.progress("teacher", teacher_steps):
-        inputs, labels = sample_batch(rng, train_data, args.batch_size, args.seq_len)
+        inputs, labels = random_windows(rng, train_data, args.batch_size, args.seq_len)
         teacher_losses.append(float(label_step(teacher, opt, inputs, labels)))
     teacher_ce = float(evaluate(teacher, teacher, val_x, val_y)[0])
 
@@ -208,7 +173,7 @@ def main(argv=None) -> dict:
     record(0)
     progress = run.progress("students")
     for step in progress:
-        inputs, labels = sample_batch(rng, train_data, args.batch_size, args.seq_len)
+        inputs, labels = random_windows(rng, train_data, args.batch_size, args.seq_len)
         loss = distill_step(distilled, opt_d, teacher, inputs, args.temperature)
         distill_losses.append(float(loss))
         baseline_losses.append(float(label_step(baseline, opt_b, inputs, labels)))

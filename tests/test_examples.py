@@ -24,7 +24,7 @@ optax = pytest.importorskip("optax")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-SCRIPTS = ("classify_digits", "segment_shapes", "distill", "tiny_lm")
+SCRIPTS = ("classify_digits", "segment_shapes", "distill", "tiny_lm", "grpo_tiny_lm")
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -148,8 +148,30 @@ OWN_OPTIONS = {
         "--generate",
         "--temperature",
     ),
+    "grpo_tiny_lm": (
+        "--method",
+        "--pretrain-steps",
+        "--pretrain-lr",
+        "--group-size",
+        "--prompt-len",
+        "--completion-len",
+        "--dim",
+        "--layers",
+        "--target",
+        "--temperature",
+        "--kl-coef",
+        "--clip-epsilon",
+        "--beta",
+        "--updates-per-batch",
+    ),
 }
-DEFAULT_STEPS = {"classify_digits": 500, "segment_shapes": 400, "distill": 400, "tiny_lm": 500}
+DEFAULT_STEPS = {
+    "classify_digits": 500,
+    "segment_shapes": 400,
+    "distill": 400,
+    "tiny_lm": 500,
+    "grpo_tiny_lm": 60,
+}
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
