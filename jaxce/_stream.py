@@ -308,7 +308,8 @@ class Argmax(Stat):
     def update(self, carry, t):
         step = t.steps[0]  # type: ignore[index]
         zm = jnp.where(t.block.valid, t.block.z[0], -jnp.inf)
-        arg = t.offset + t.block.start + jnp.argmax(zm, axis=1).astype(jnp.int32)
+        # int32 throughout: under x64 the block's start (from the scan index) is int64.
+        arg = (t.offset + t.block.start + jnp.argmax(zm, axis=1)).astype(jnp.int32)
         # Strictly greater: on ties the earlier block, i.e. the smaller id, wins.
         return jnp.where(step.tile_max > step.old.m, arg, carry)
 

@@ -224,6 +224,23 @@ def test_float64_against_numpy_formula(rng):
             np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-10, atol=1e-12)
 
 
+def test_aux_argmax_under_x64(rng):
+    # The argmax is carried through the vocabulary scan as int32; under x64 the block start
+    # (from the scan index) is int64, which once broke the carry's type at trace time.
+    h, w, b, y, _ = make(rng, 9, 5, 23, ignore_frac=0.0)
+    with jax.enable_x64(True):
+        h, w = (jnp.asarray(a, jnp.float64) for a in (h, w))
+
+        def f(h, w):
+            loss, aux = fused(h, w, jnp.asarray(y), return_aux=True, chunk_size=7)
+            return jnp.sum(loss), aux.argmax
+
+        (_, arg), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(h, w)
+    assert arg.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(arg), np.argmax(np.asarray(h) @ np.asarray(w), 1))
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
 @pytest.mark.slow
 def test_leading_axes_tied_embedding_and_transforms(rng):
     bsz, t, d, v = 3, 20, 16, 300
