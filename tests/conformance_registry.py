@@ -85,7 +85,10 @@ class Entry:
         (the same array twice) or only ``>= 0`` (two representations of one distribution).
       domains: ``(argument, value)`` pairs outside the documented domain.
       unsupported: the documented non-supported combinations.
-      half_out: the result dtype for half-precision inputs (the contract: float32).
+      keeps_dtype: the result has the input's dtype for half precision too (helpers that
+        are not losses: ``smooth_labels``, ``weighted_mean``); losses give float32.
+      eager_checks: a concrete NaN raises eagerly, as the library it mirrors does (the NaN
+        cells run it under ``jit``, where values cannot raise).
     """
 
     id: str
@@ -110,6 +113,8 @@ class Entry:
     domains: tuple[tuple[str, Any], ...] = ()
     unsupported: tuple[Unsupported, ...] = ()
     needs: str | None = None  # a public name that must exist (pending entries)
+    keeps_dtype: bool = False  # not a loss: half precision in, half precision out
+    eager_checks: bool = False  # validates concrete values eagerly (as torch, scikit-learn)
 
     def nan_indices(self) -> tuple[int, ...]:
         return self.float_args if self.nan_args is None else self.nan_args
@@ -212,7 +217,7 @@ def _focal_int(x, y, gamma=2.0):
 
 
 def _poly(x, t, epsilon=2.0):
-    return _ce_soft(x, t) + epsilon * (1 - np.sum(t * _softmax(x), -1))
+    return _ce_soft(x, t) + epsilon * np.sum(t * (1 - _softmax(x)), -1)
 
 
 def _generalized_kl(lq, p):
@@ -383,6 +388,7 @@ def _core_entries() -> list[Entry]:
             (0,),
             lambda t: 0.9 * t + 0.1 / C,
             reductions=(None,),
+            keeps_dtype=True,
             domains=(("alpha", 1.5),),
         )
     )
@@ -572,6 +578,7 @@ def _core_entries() -> list[Entry]:
             (0, 1),
             lambda t, w: t / w,
             reductions=(None,),
+            keeps_dtype=True,
         )
     )
     return e
@@ -732,6 +739,7 @@ def _pytorch_entries() -> list[Entry]:
                 (0, 1),
                 _bce,
                 unsupported=(_NO_SUM_AND_WEIGHT,),
+                eager_checks=True,
                 **common,
             )
         )
@@ -808,6 +816,7 @@ def _sklearn_entries() -> list[Entry]:
             reductions=("mean", "sum"),
             per_example=False,
             empty_reduced={"sum": 0.0, "mean": float("nan")},
+            eager_checks=True,
         )
     ]
 
@@ -828,6 +837,14 @@ def _pending(name):
 def _sequence_inputs(rng, n, t=4):
     """Per-token log-probabilities of ``n`` sequences of ``t`` tokens."""
     return -rng.uniform(0.2, 3.0, size=(n, t))
+
+
+def _token_mask(rng, n, t=4):
+    """A boolean token mask; the first sequence keeps all its tokens (the NaN cells put
+    their NaN there)."""
+    mask = rng.uniform(size=(n, t)) > 0.3
+    mask[:1] = True
+    return mask
 
 
 def _posttrain_entries() -> list[Entry]:
@@ -917,7 +934,7 @@ def _posttrain_entries() -> list[Entry]:
             Entry(
                 f"sequence_reduce[{red}]",
                 "jaxce.sequence_reduce",
-                lambda r, n: (_sequence_inputs(r, n), r.uniform(size=(n, 4)) > 0.3),
+                lambda r, n: (_sequence_inputs(r, n), _token_mask(r, n)),
                 _no_reduction(lambda v, m, _r=red, **o: sr(v, m, **{"reduction": _r, **o})),
                 ("values", "where"),
                 (0,),
@@ -1019,7 +1036,7 @@ def _posttrain_entries() -> list[Entry]:
     def pg_inputs(r, n):
         lp = _sequence_inputs(r, n)
         old = lp + r.normal(size=lp.shape) * 0.1  # ratios inside and outside the clip range
-        return lp, old, r.normal(size=n), r.uniform(size=(n, 4)) > 0.2
+        return lp, old, r.normal(size=n), _token_mask(r, n)
 
     def pg_ref(lp, old, a, m):
         ratio = np.exp(lp - old)

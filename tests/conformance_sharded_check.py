@@ -141,12 +141,12 @@ def run_group(name, reductions, config, devices):
 
     def sharded(reduction, *xs):
         full = {**padded, **dict(zip(diff, xs, strict=True))}
-        body = jax.shard_map(
-            lambda *ys: fn(
-                dict(zip(keys, ys, strict=True)), reduction, extra, "model", vocab if extra else None
-            ),
-            mesh=mesh, in_specs=specs, out_specs=P(),
-        )  # fmt: skip
+        sharded_vocab = vocab if extra else None
+
+        def local(*ys):
+            return fn(dict(zip(keys, ys, strict=True)), reduction, extra, "model", sharded_vocab)
+
+        body = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())
         return _split(body(*(full[k] for k in keys)))
 
     def run(f, xs):
