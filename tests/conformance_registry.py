@@ -148,6 +148,12 @@ def _binary(rng, n):
     return rng.normal(size=(n, 4)) * 2, rng.uniform(0.05, 0.95, size=(n, 4))
 
 
+def _probabilities_and_labels(rng, n):
+    """Probabilities bounded away from 0 and 1 (the finite differences of the log terms stay
+    accurate) and soft labels, ``(n, 4)``."""
+    return rng.uniform(0.1, 0.9, (n, 4)), rng.uniform(0.05, 0.95, (n, 4))
+
+
 def _softmax(x):
     return np.exp(log_softmax(x))
 
@@ -281,7 +287,7 @@ def _jvp_raises(entry: Entry, arrays: tuple) -> Any:
 
     def f(v):
         rest[i] = v
-        return entry.call(*rest, reduction="sum")
+        return entry.call(*rest, reduction=entry.reductions[0])
 
     return jax.jvp(f, (x,), (jnp.ones_like(x),))
 
@@ -515,7 +521,7 @@ def _core_entries() -> list[Entry]:
         Entry(
             "binary_cross_entropy",
             "jaxce.binary_cross_entropy",
-            lambda r, n: (_sigmoid(_binary(r, n)[0]), r.uniform(0.05, 0.95, (n, 4))),
+            _probabilities_and_labels,
             _reduced(jaxce.binary_cross_entropy),
             ("probs", "labels"),
             (0, 1),
@@ -733,7 +739,7 @@ def _pytorch_entries() -> list[Entry]:
             Entry(
                 f"pytorch.{public}",
                 f"jaxce.pytorch.{public}",
-                lambda r, n: (_sigmoid(_binary(r, n)[0]), r.uniform(0.05, 0.95, (n, 4))),
+                _probabilities_and_labels,
                 call,
                 ("input", "target"),
                 (0, 1),
@@ -945,7 +951,15 @@ def _posttrain_entries() -> list[Entry]:
                 ),
                 reductions=(None,),
                 nan_args=(),
-                domains=(("reduction", "max"),),
+                unsupported=(
+                    Unsupported(
+                        "reduction-max",
+                        lambda e, a: sr(*a, reduction="max"),
+                        ValueError,
+                        "reduction",
+                        "per-sequence sums and token means only (API.md, Post-training)",
+                    ),
+                ),
                 needs="sequence_reduce",
             )
         )
@@ -1057,7 +1071,16 @@ def _posttrain_entries() -> list[Entry]:
             pg_ref,
             reductions=("none", "token_mean", "sequence_mean", "sum_and_weight"),
             nan_args=(0, 1, 2),
-            domains=(("clip_epsilon", -0.1), ("aggregation", "nope"), ("kl_coef", -1.0)),
+            domains=(("clip_epsilon", -0.1), ("kl_coef", -1.0)),
+            unsupported=(
+                Unsupported(
+                    "aggregation-max",
+                    lambda e, a: pg(*a, aggregation="max"),
+                    ValueError,
+                    "aggregation",
+                    "the five documented aggregations only (API.md, Post-training)",
+                ),
+            ),
             needs="policy_gradient_loss",
             empty_reduced={"token_mean": 0.0, "sequence_mean": 0.0},
         )

@@ -73,7 +73,12 @@ FUNCTIONS = {
     "linear_log_probs": (_log_probs, ("log_probs", "entropy"), ("h", "w", "b")),
 }  # fmt: skip
 COLUMNS = {"w": 1, "b": 0, "tw": 1, "tb": 0}  # inputs sharded over the vocabulary: their axis
-CONFIGS = ("plain", "bias+softcap+padded+aux")
+# "plain": no options, a vocabulary that divides evenly. "options": bias (and target_bias), a
+# vocabulary padded up to the shards with vocab_size, and per function: the soft cap,
+# return_aux, label smoothing, z-loss, ignore_index and sample weights (cross-entropy), the
+# temperature and sample weights (distillation), the soft cap, a temperature and ignore_index
+# (log-probabilities).
+CONFIGS = ("plain", "options")
 
 
 def case_ids() -> list[str]:
