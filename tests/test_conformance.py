@@ -11,7 +11,7 @@ the float64 reference, with the plain call, or checks the contract's rule (API.m
 * ``vmap``: over an extra leading axis equals the stacked calls, every reduction;
 * ``grad-<reduction>``: reverse mode (and forward mode where supported) against central
   finite differences in float64, ``"none"`` through a random cotangent (``check_grads``'s
-  method, ``helpers.check_grads_one_jit``);
+  method, in one ``jit`` per function: ``_first_order``);
 * ``checkpoint``: values and gradients under ``jax.checkpoint`` equal the plain ones;
 * ``order2``: the same check to second order, in the modes the function supports;
 * ``float64``/``float32``/``bfloat16``: the float64 NumPy reference (of the inputs rounded to
