@@ -15,9 +15,23 @@ ArrayLike = jax.typing.ArrayLike
 def _unit_rows(x: Array) -> Array:
     """Rows scaled to unit norm; a norm below ``sqrt(eps)`` is taken as ``sqrt(eps)`` (optax's
     ``cosine_similarity(epsilon=eps)``, so a zero embedding has similarity 0 to everything).
+
+    Each row is first divided by its largest absolute component (a constant under
+    ``stop_gradient``: ``x / |x|`` does not depend on it, so the derivative is exact), so the
+    squared norm neither overflows for components up to the dtype's maximum nor underflows
+    for tiny ones. The division goes through the square root of that component twice: XLA
+    may divide by multiplying with a reciprocal, and ``1 / max`` is subnormal (flushed to 0).
     """
-    squared_norm = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-    return x / jnp.sqrt(jnp.maximum(squared_norm, jnp.finfo(x.dtype).eps))
+    one = jnp.ones((), x.dtype)
+    floor = jnp.sqrt(jnp.finfo(x.dtype).eps)
+    scale = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=-1, keepdims=True))
+    empty = scale == 0
+    root = jnp.sqrt(jnp.where(empty, one, scale))
+    scaled = x / root / root  # largest component +-1 (NaN stays NaN)
+    squared = jnp.sum(jnp.square(scaled), axis=-1, keepdims=True)  # in [1, D] unless empty
+    norm = jnp.sqrt(jnp.where(empty, one, squared))
+    small = empty | (scale < floor / norm)  # |x| = scale * norm below the floor
+    return jnp.where(small, x / floor, scaled / norm)
 
 
 @_api.public(domains={"temperature": POSITIVE})

@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxce import _api, _checks, _reduce
+from jaxce import _api, _checks, _numerics, _reduce
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -47,6 +47,21 @@ def _validate(logits, logit_paddings, labels, label_paddings):
     _checks.same_shape(logit_paddings, "logit_paddings", (batch, frames), "`logits` without K")
     _checks.same_shape(label_paddings, "label_paddings", labels.shape, "one flag per label")
     return logits, logit_paddings, labels, label_paddings
+
+
+def _blank_id(blank_id, classes: int) -> int:
+    """``blank_id`` as a class index in ``[0, K)``; anything else raises (never wraps)."""
+    if isinstance(blank_id, bool) or not isinstance(blank_id, int):
+        try:
+            blank_id = _checks.static_option(blank_id, "blank_id")
+        except (TypeError, ValueError):
+            raise TypeError(f"`blank_id` must be an int, got {blank_id!r}.") from None
+    if not 0 <= int(blank_id) < classes:
+        raise ValueError(
+            f"`blank_id` must be a class of `logits`, in [0, {classes}) (K = {classes}), got "
+            f"{blank_id}."
+        )
+    return int(blank_id)
 
 
 @_api.public(static=("blank_id",))
@@ -111,6 +126,7 @@ def ctc_loss_with_forward_probs(
     dtype = _reduce.compute_dtype(logits.dtype)
     batch, frames, classes = logits.shape
     num_labels = labels.shape[1]
+    blank_id = _blank_id(blank_id, classes)
     log_probs = jax.nn.log_softmax(logits.astype(dtype), axis=-1)
     eps = jnp.asarray(log_epsilon, dtype)
 
@@ -125,9 +141,15 @@ def ctc_loss_with_forward_probs(
                 jnp.argmax((~valid & ~padded_label).reshape(-1))
             ],
         )
-    label_log_probs = jnp.take_along_axis(
-        log_probs, jnp.where(valid, labels, 0)[:, None, :], axis=2
-    )  # (B, T, N): log p_t(y_n)
+    # (B, T, N): log p_t(y_n), by flat integer indexing (take_along_axis's gradient breaks
+    # checkify with all checks once B >= 2).
+    safe_labels = jnp.broadcast_to(
+        jnp.where(valid, labels, 0)[:, None, :], (batch, frames, num_labels)
+    )
+    rows = batch * frames
+    label_log_probs = log_probs.reshape(rows, classes)[
+        jnp.arange(rows)[:, None], safe_labels.reshape(rows, num_labels)
+    ].reshape(batch, frames, num_labels)
     blank_log_probs = log_probs[:, :, blank_id]  # (B, T)
     # repeats[n]: y_{n+1} == y_n, so emitting[n] may not close into ready[n + 1] directly.
     repeats = jnp.concatenate(
@@ -136,13 +158,13 @@ def ctc_loss_with_forward_probs(
 
     def close(ready, emitting, penalty):
         """Adds ``emitting[n] + penalty[n]`` into ``ready[n + 1]`` (log space)."""
-        return ready.at[:, 1:].set(jnp.logaddexp(ready[:, 1:], emitting + penalty))
+        return ready.at[:, 1:].set(_numerics.log_add_exp(ready[:, 1:], emitting + penalty))
 
     def frame(state, inputs):
         ready, emitting = state
         emit_lp, blank_lp, padded = inputs
         closed = close(ready, emitting, eps * repeats)
-        next_emitting = emit_lp + jnp.logaddexp(closed[:, :-1], emitting)
+        next_emitting = emit_lp + _numerics.log_add_exp(closed[:, :-1], emitting)
         # A repeated label reaches ready[n + 1] through this blank only.
         next_ready = close(
             closed + blank_lp[:, None], emitting + blank_lp[:, None], eps * (1 - repeats)
@@ -166,7 +188,7 @@ def ctc_loss_with_forward_probs(
     if frames:
         ready_t = ready_t.at[-1].set(final_ready)
     lengths = num_labels - jnp.sum(padded_label, axis=1)
-    loss = -jnp.take_along_axis(final_ready, lengths[:, None], axis=1)[:, 0]
+    loss = -final_ready[jnp.arange(batch), lengths]
     loss = jnp.where(bad, jnp.full((), jnp.nan, dtype), loss)
     return loss, ready_t, emitting_t
 

@@ -209,7 +209,14 @@ def kl_divergence(
     ``log_predictions`` stay finite even where :math:`\log q_c = -\infty` (optax and PyTorch
     give NaN there), and the gradient w.r.t. a target of exactly 0 is 0 (the one-sided
     derivative :math:`\log p_c + 1 - \log q_c` is :math:`-\infty`; we never return NaN).
-    :math:`p_c > 0` with :math:`q_c = 0` gives ``+inf``. ``reduction="mean"`` averages the
+    :math:`p_c > 0` with :math:`q_c = 0` gives ``+inf``.
+
+    Summed termwise; a per-example result within the rounding error of its terms
+    (:math:`2\epsilon \sum_c p_c (1 + |\log p_c| + |\log q_c|)`, in value only: the gradient
+    is the formula's) is exactly 0, so two arrays that represent one distribution, such as
+    ``log_softmax(s)`` and ``softmax(s)``, give 0.0 and never ``-2e-8``. Normalised inputs
+    therefore never give a negative value; unnormalised ones (the formula is used as given)
+    may, as the formula does. ``reduction="mean"`` averages the
     per-example divergences (PyTorch's ``kl_div`` ``"mean"`` averages over every element; see
     ``jaxce.pytorch.kl_div`` for that and ``"batchmean"``).
 
@@ -241,8 +248,10 @@ def kl_divergence(
         log_predictions, targets, axis, where, sample_weights, ("log_predictions", "targets")
     )
     on_support = _numerics.support(p, log_q.class_mask)
-    kl = _numerics.weighted_log_ratio(p, _numerics.safe_log(p), log_q.values, on_support)
-    return _reduce.weigh_and_reduce(kl, weights, reduction)
+    log_p = _numerics.safe_log(p)
+    kl = _numerics.weighted_log_ratio(p, log_p, log_q.values, on_support)
+    bound = _numerics.rounding_bound(p, log_p, log_q.values, on_support, _eps(p))
+    return _reduce.weigh_and_reduce(_numerics.zero_within(kl, bound), weights, reduction)
 
 
 @overload
@@ -286,7 +295,8 @@ def kl_divergence_with_log_targets(
 
     As :func:`kl_divergence` (PyTorch's ``kl_div(..., log_target=True)`` summed over classes),
     but ``log_targets`` may hold ``-inf`` (probability 0): such a class contributes exactly 0,
-    with zero gradients, even where ``log_predictions`` is ``-inf`` too.
+    with zero gradients, even where ``log_predictions`` is ``-inf`` too. Identical arrays give
+    exactly 0, and a result within rounding of 0 is 0, as in :func:`kl_divergence`.
 
     Args:
       log_predictions: ``(..., C, ...)`` log-probabilities :math:`\log q`; classes on ``axis``.
@@ -318,7 +328,8 @@ def kl_divergence_with_log_targets(
     p = jnp.exp(log_p)
     on_support = _numerics.support(p, log_q.class_mask)
     kl = _numerics.weighted_log_ratio(p, log_p, log_q.values, on_support)
-    return _reduce.weigh_and_reduce(kl, weights, reduction)
+    bound = _numerics.rounding_bound(p, log_p, log_q.values, on_support, _eps(p))
+    return _reduce.weigh_and_reduce(_numerics.zero_within(kl, bound), weights, reduction)
 
 
 @overload
@@ -371,6 +382,13 @@ def softmax_kl_divergence(
     probability 0 contributes 0; one the student gives 0 but the teacher does not gives
     ``+inf``).
 
+    Never negative, and exactly 0.0 for identical logits at any temperature (rounding cannot
+    make it negative: such a value is returned as 0, in value only, so the gradient and the
+    Hessian stay the formula's). Rows whose scaled logits differ by at most 1 use the
+    centred form :math:`\sum_c p_c (d_c - D)`, :math:`d = (t - s)/T`,
+    :math:`D = \operatorname{log1p}(\sum_c q_c \operatorname{expm1}(d_c))`, which keeps
+    the relative precision of a small divergence between nearly equal distributions.
+
     The gradient flows into **both** arguments (this is a plain function of two arrays, as
     for mutual learning). For a frozen teacher pass
     ``jax.lax.stop_gradient(target_logits)``, or differentiate w.r.t. ``logits`` only.
@@ -415,11 +433,20 @@ def softmax_kl_divergence(
     on_support = _numerics.support(p, mask)
     s = student.values / t
     m, log_s = _logits.log_normalizer(s, mask)
-    # KL = sum p log p + sum p (-log q); the second sum is overflow-safe for logits of
-    # opposite signs near the dtype's limit.
-    zero = jnp.zeros((), p.dtype)
-    neg_entropy = _numerics.weighted_log_ratio(p, log_p, zero, on_support)
-    kl = neg_entropy + _numerics.neg_log_softmax_sum(p, s, m, log_s, mask)
+    # Termwise p_c (log p_c - log q_c) with -log q_c = log_s + 2 (m/2 - s_c/2): no difference
+    # of two large sums, and no overflow for logits of opposite signs near the dtype's limit.
+    far = _numerics.weighted_log_ratio_halved(
+        p, log_p + log_s[..., None], m[..., None], s, on_support
+    )
+    # Rows whose logits differ by at most 1 (after scaling) take the centred form, exact to
+    # a relative error of about eps / |t - s| where the termwise sum only has eps * |log p|.
+    live = ~((student.values == -jnp.inf) & (teacher == -jnp.inf))
+    if mask is not None:
+        live = live & mask
+    q = jnp.exp((s - m[..., None]) - log_s[..., None])
+    close, near = _numerics.centred_kl(p, q, teacher / t - s, live)
+    kl = jnp.where(near, close, far)
+    kl = _numerics.divergence_floor(kl, _same_rows(student, teacher))
     return _reduce.weigh_and_reduce(jnp.square(t) * kl, weights, reduction)
 
 
@@ -471,7 +498,8 @@ def js_divergence(
     :math:`\log\beta + \log P` and :math:`\log(1 - \beta) + \log Q`, so everything stays in
     log space. It is finite for all inputs, bounded by the binary entropy of :math:`\beta`
     (:math:`\log 2` at :math:`\beta = 1/2`, where it is symmetric) and 0 iff :math:`P = Q`
-    (or :math:`\beta \in \{0, 1\}`).
+    (or :math:`\beta \in \{0, 1\}`). Never negative, and exactly 0.0 for identical logits
+    (a rounding below 0 is returned as 0, in value only).
 
     Args:
       logits_p: ``(..., C, ...)`` logits of :math:`P`; classes on ``axis``.
@@ -515,7 +543,21 @@ def js_divergence(
     js = _numerics.weighted_log_ratio(
         wp, log_p, log_m, _numerics.support(wp, mask)
     ) + _numerics.weighted_log_ratio(wq, log_q, log_m, _numerics.support(wq, mask))
+    js = _numerics.divergence_floor(js, _same_rows(first, second))
     return _reduce.weigh_and_reduce(js, weights, reduction)
+
+
+def _eps(x: Array) -> float:
+    """The compute dtype's machine epsilon."""
+    return float(jnp.finfo(x.dtype).eps)
+
+
+def _same_rows(first: _logits.Logits, second: Array) -> Array:
+    """Rows where the two class arrays are equal on every class ``where`` leaves in."""
+    equal = first.values == second
+    if first.class_mask is not None:
+        equal = equal | ~first.class_mask
+    return jnp.all(equal, axis=-1)
 
 
 def _broadcast_pair(a: Array, b: Array, names: tuple[str, str]) -> tuple[Array, Array]:
@@ -538,7 +580,12 @@ def generalized_kl_divergence(
     r"""Generalised Kullback-Leibler divergence of unnormalised measures (optax's signature).
 
     The Bregman divergence of :math:`f(p) = p \log p - p`, so it is defined for positive
-    measures that need not sum to 1; for probability vectors it is :math:`KL(p \| q)`:
+    measures that need not sum to 1; for probability vectors it is :math:`KL(p \| q)`.
+    Every term is non-negative and computed as such (near :math:`p = q` as
+    :math:`p\,(\operatorname{expm1}(d) - d)`, :math:`d = \log q - \log p`): the result is
+    never negative, exactly 0 for ``(log(p), p)`` and precise for nearly equal inputs. A
+    ``log_predictions`` whose exponential overflows gives ``+inf`` (the exact value exceeds
+    the dtype), with the gradient :math:`q - p = +\infty` w.r.t. it:
 
     .. math::
       D(p \| q) = \sum_c \Big(p_c \log \frac{p_c}{q_c} - p_c + q_c\Big),
@@ -573,13 +620,42 @@ def generalized_kl_divergence(
     log_q, p = _broadcast_pair(
         log_predictions.astype(dtype), targets.astype(dtype), ("log_predictions", "targets")
     )
-    log_p = jnp.log(jnp.where(p == 0, jnp.ones((), dtype), p))  # 0 log 0 = 0, safe gradient
-    pointwise = _numerics.times_log(p, log_p) - _numerics.times_log(p, log_q) - p + jnp.exp(log_q)
+    pointwise = _numerics.divergence_floor(_bregman_log_ratio(log_q, p))
     if where is not None:
         where = _checks.as_mask(where, "where")
         where = _checks.broadcastable(where, "where", pointwise.shape, "a mask of the inputs")
         pointwise = jnp.where(where, pointwise, jnp.zeros((), dtype))
     return jnp.sum(pointwise, axis=None if axis is None else _axes(axis, pointwise.ndim))
+
+
+def _bregman_log_ratio(log_q: Array, p: Array) -> Array:
+    r"""``p log(p/q) - p + q`` elementwise (``q = exp(log_q)``, ``0 log 0 = 0``), >= 0 exactly.
+
+    Near :math:`p = q` (:math:`|d| \le 1` for :math:`d = \log q - \log p`) it is
+    :math:`p\,(\operatorname{expm1}(d) - d)`: exactly 0 where :math:`\log q = \log p`, and
+    no cancellation of the three large terms. Elsewhere the terms as written, with
+    :math:`\log q` capped below the overflow of :math:`e^{\log q}`; beyond the cap (and at
+    ``+inf``) the result is ``+inf`` (the exact value exceeds the dtype), with the derivatives
+    ``q - p = +inf`` and :math:`\log p - \log q`. Derivatives: :math:`\partial/\partial \log q
+    = q - p`, :math:`\partial/\partial p = \log p - \log q`.
+    """
+    zero = jnp.zeros((), p.dtype)
+    live = p != 0  # NaN takes part
+    log_p = jnp.log(jnp.where(live, p, jnp.ones((), p.dtype)))  # 0 log 0 = 0, safe gradient
+    d = log_q - log_p
+    near = live & (jnp.abs(d) <= 1)
+    d_near = jnp.where(near, d, zero)
+    close = p * (jnp.expm1(d_near) - d_near)
+    cap = float(np.log(jnp.finfo(p.dtype).max)) - 1.0
+    capped = jnp.minimum(log_q, cap)
+    far = jnp.exp(capped) - p + _numerics.times_log(p, log_p) - _numerics.times_log(p, capped)
+    # exp(log_q) overflows: +inf, and its derivative q - p; the derivative in p rides on a
+    # zero-valued term (XLA:CPU does not keep inf - x infinite within one fusion).
+    over = log_q > cap
+    finite_q = jnp.where(over & jnp.isfinite(log_q), log_q, zero)
+    slope = jnp.where(over & live, p * (log_p - finite_q), zero)
+    beyond = jnp.exp(jnp.where(over, log_q, zero)) + (slope - jax.lax.stop_gradient(slope))
+    return jnp.where(over, beyond, jnp.where(near, close, far))
 
 
 def _axes(axis, ndim: int) -> tuple[int, ...]:

@@ -117,3 +117,85 @@ def times_log(weights: Array, log_values: Array) -> Array:
     """
     dead = (weights == 0) & jnp.isneginf(log_values)
     return weights * jnp.where(dead, jnp.zeros((), log_values.dtype), log_values)
+
+
+def value_only(value: Array, replacement: Array, replace: Array) -> Array:
+    """``replacement`` where ``replace`` holds, in the value only: every derivative is ``value``'s.
+
+    For results whose exact value is known better than the computed one (a divergence of two
+    identical distributions is 0; rounding must not make a divergence negative): the
+    derivatives of any order stay those of the formula, so a clamp never kills a gradient.
+    """
+    shift = jnp.where(replace, replacement - value, _zero(value))
+    return value + jax.lax.stop_gradient(shift)
+
+
+def divergence_floor(value: Array, same: Array | None = None) -> Array:
+    """A divergence of two normalised distributions: never negative, 0 where ``same``.
+
+    A negative value is rounding (the exact divergence is ``>= 0``) and becomes 0; rows whose
+    two arguments are the same array are exactly 0. Values only (:func:`value_only`); NaN
+    stays NaN.
+    """
+    replace = value < 0
+    if same is not None:
+        replace = replace | same
+    return value_only(value, _zero(value), replace)
+
+
+def rounding_bound(w: Array, log_a: Array, log_b: Array, support: Array, eps: float) -> Array:
+    r"""A bound on the rounding error of ``sum_c w_c (log_a_c - log_b_c)`` (no derivative).
+
+    :math:`2\,\epsilon \sum_c |w_c| (1 + |\log a_c| + |\log b_c|)` on the support, with
+    :math:`\epsilon` the compute dtype's: the error of each term, logs that are themselves
+    rounded results included (``log(softmax(x))`` and ``log_softmax(x)`` differ by a few
+    units in the last place).
+    """
+    w, log_a, log_b = (jax.lax.stop_gradient(v) for v in (w, log_a, log_b))
+    zero = _zero(w)
+    size = jnp.abs(jnp.where(support, log_a, zero)) + jnp.abs(jnp.where(support, log_b, zero))
+    terms = jnp.where(support, jnp.abs(w) * (1 + size), zero)
+    return 2 * eps * jnp.sum(terms, axis=-1)
+
+
+def zero_within(value: Array, bound: Array) -> Array:
+    """``value`` with ``|value| <= bound`` (finite values only) replaced by 0, in value only."""
+    replace = (jnp.abs(value) <= bound) & jnp.isfinite(value)
+    return value_only(value, _zero(value), replace)
+
+
+def weighted_log_ratio_halved(w: Array, a: Array, m: Array, x: Array, support: Array) -> Array:
+    r"""``sum_c w_c (a_c + (m - x_c))`` over the last axis, termwise, without overflow.
+
+    :func:`weighted_log_ratio` for :math:`\log p_c - \log q_c = a_c + (m - x_c)` with
+    :math:`a_c = \log p_c + \log s` and :math:`-\log q_c = \log s + (m - x_c)` (a log-softmax
+    split as in ``_logits.log_normalizer``): :math:`m - x_c \ge 0` may exceed the dtype's range
+    for logits of opposite signs near its limit, so each term is
+    :math:`w_c a_c + 2 \cdot w_c (m/2 - x_c/2)`, summed once. Off the support a term is exactly
+    0 in the value and every derivative.
+    """
+    zero = _zero(w)
+    a = jnp.where(support, a, zero)
+    gap = jnp.where(support, m / 2 - x / 2, zero)
+    return jnp.sum(jnp.where(support, w * a + 2 * (w * gap), zero), axis=-1)
+
+
+def centred_kl(p: Array, q: Array, d: Array, live: Array) -> tuple[Array, Array]:
+    r"""``(KL(p || q), near)`` over the last axis from ``d = log p - log q`` up to a constant.
+
+    For softmax distributions :math:`p \propto e^{t}`, :math:`q \propto e^{s}` and
+    :math:`d = t - s`, :math:`\log p_c - \log q_c = d_c - D` with
+    :math:`D = \log \sum_c q_c e^{d_c}
+    = \operatorname{log1p}(\sum_c q_c \operatorname{expm1}(d_c))`,
+    so :math:`KL = \sum_c p_c (d_c - D)`: no log-probability enters, each term carries an
+    error of order :math:`\epsilon |d_c|` rather than :math:`\epsilon |\log p_c|`, and
+    identical logits (``d = 0``) give exactly 0. Valid where every live ``|d_c| <= 1``
+    (``near``, per row; ``expm1`` cannot overflow there); other rows get 0 with zero
+    derivatives, for the caller to replace. ``live`` marks the classes that take part.
+    """
+    zero = _zero(d)
+    d = jnp.where(live, d, zero)
+    near = jnp.all(jnp.abs(d) <= 1, axis=-1)
+    d = jnp.where(near[..., None], d, zero)
+    shift = jnp.log1p(jnp.sum(jnp.where(live, q * jnp.expm1(d), zero), axis=-1))
+    return jnp.sum(jnp.where(live, p * (d - shift[..., None]), zero), axis=-1), near

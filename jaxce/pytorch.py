@@ -56,13 +56,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxce import _binary, _checks, _divergence, _reduce, _softmax
+from jaxce import _binary, _checks, _divergence, _numerics, _reduce, _softmax
 
 Array: TypeAlias = jax.Array
 ArrayLike: TypeAlias = jax.typing.ArrayLike
@@ -518,11 +518,16 @@ def binary_cross_entropy_with_logits(
       \ell_i = -w_i \big(w_{+,i}\, y_i \log \sigma(x_i) + (1 - y_i) \log(1 - \sigma(x_i))\big),
       \qquad \text{mean} = \frac{1}{n} \sum_{i=1}^{n} \ell_i
 
-    computed stably in log space (softplus), for logits of any size.
+    computed stably in log space (softplus), for logits of any size. As in PyTorch, this is
+    :math:`(1 - y_i) x_i - (1 + (w_{+,i} - 1) y_i) \log \sigma(x_i)` for every real target,
+    in value and gradient (targets and weights included).
 
     Args:
       input: logits :math:`x`, any shape.
-      target: targets :math:`y \in [0, 1]` of ``input``'s shape.
+      target: targets :math:`y` of ``input``'s shape: probabilities, or any real number
+        (PyTorch evaluates the formula for every target, e.g. its own tests' ``randn``
+        targets; the core :func:`jaxce.sigmoid_binary_cross_entropy` instead gives NaN
+        outside ``[0, 1]``).
       weight: optional weights :math:`w` broadcastable to ``input``'s shape.
       size_average: deprecated, as in PyTorch; see ``reduce``.
       reduce: deprecated, as in PyTorch: if it or ``size_average`` is not ``None``,
@@ -557,16 +562,24 @@ def binary_cross_entropy_with_logits(
     target = _same_shape_target(target, input)
     _reduction(reduction)
     weight = _elementwise_weight(weight, "weight", input)
+    x = _reduce.upcast(input)
+    if not any(jnp.issubdtype(target.dtype, k) for k in (jnp.floating, jnp.integer, jnp.bool_)):
+        raise TypeError(
+            f"`target` must have a floating, integer or bool dtype, got {target.dtype}."
+        )
+    y = target.astype(x.dtype)
+    positive = y
     if pos_weight is not None:
         pos_weight = _float_weight(pos_weight, "pos_weight", input.dtype)
-    out = _binary.sigmoid_binary_cross_entropy(
-        input,
-        target,
-        pos_weight=pos_weight,
-        sample_weights=weight,
-        reduction="none" if reduction == "none" else "sum",
-    )
-    return _binary_reduce(out, reduction, input.size)
+        positive = y * _checks.float_array_like(
+            pos_weight, "pos_weight", x.shape, x.dtype, "a weight per element of `input`"
+        )
+    # PyTorch's formula for any real target (the core marks targets outside [0, 1] invalid):
+    # (1 - y) x - (1 + (w+ - 1) y) log sigmoid(x) = w+ y softplus(-x) + (1 - y) softplus(x).
+    loss = _numerics.weighted_softplus(positive, -x) + _numerics.weighted_softplus(1 - y, x)
+    weights = _reduce.example_weights(x.shape, x.dtype, sample_weights=weight)
+    out = _reduce.weigh_and_reduce(loss, weights, "none" if reduction == "none" else "sum")
+    return _binary_reduce(cast(Array, out), reduction, input.size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -643,6 +656,15 @@ def kl_div(
     target = jnp.broadcast_to(target, shape)[..., None]
     kl = _divergence.kl_divergence_with_log_targets if log_target else _divergence.kl_divergence
     out = kl(input, target, axis=-1, reduction="none" if reduction == "none" else "sum")
+    if reduction != "none":
+        # Each element within rounding of 0 is 0 already; so is a total within the rounding of
+        # its terms (two copies of one distribution sum to exactly 0, never to -2e-8).
+        log_q, t = _reduce.upcast(input).ravel(), _reduce.upcast(target).ravel()
+        log_p = t if log_target else _numerics.safe_log(t)
+        p = jnp.exp(t) if log_target else t
+        eps = float(jnp.finfo(out.dtype).eps)
+        bound = _numerics.rounding_bound(p, log_p, log_q, _numerics.support(p), eps)
+        out = _numerics.zero_within(out, bound)
     if reduction == "mean":
         return _elementwise_mean(out, math.prod(shape))
     if reduction == "batchmean":

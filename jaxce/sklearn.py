@@ -149,7 +149,9 @@ def log_loss(
       Python float; call ``float()`` on this for one. ``NaN`` when the weights sum to 0 with
       ``normalize=True`` (scikit-learn raises) and for an empty batch; ``NaN`` probabilities
       give ``NaN`` (scikit-learn raises); under ``jit`` a ``y_true`` value outside the
-      classes gives ``NaN``.
+      classes, or a row of ``y_proba`` with a value outside ``[0, 1]``, gives ``NaN`` (not a
+      clipped finite loss; under ``jax.experimental.checkify`` with user checks the latter
+      raises). A zero ``sample_weight`` masks its row, NaN included (jaxce's rule).
 
     Raises:
       ValueError: eagerly (concrete arrays), as scikit-learn: ``y_proba`` outside ``[0, 1]``,
@@ -198,6 +200,11 @@ def log_loss(
     eps = jnp.finfo(dtype).eps
     # A plain product, not xlogy: the clipped log is finite, and 0 * NaN must stay NaN.
     loss = -jnp.sum(target * jnp.log(jnp.clip(y_proba, eps, 1 - eps)), axis=1)
+    # Under jit (eagerly it raised above): a row with a probability outside [0, 1] is NaN
+    # rather than clipped to a finite loss, as `binary_cross_entropy`'s probabilities.
+    outside = ~_checks.UNIT_INTERVAL.holds(y_proba) & ~jnp.isnan(y_proba)
+    _checks.value_check(~jnp.any(outside), "`y_proba` must lie in [0, 1].")
+    loss = jnp.where(jnp.any(outside, axis=1), jnp.full((), jnp.nan, dtype), loss)
     if sample_weight is None:
         weight = jnp.ones((num_examples,), dtype)
     else:
@@ -205,5 +212,7 @@ def log_loss(
         weight = weight.astype(dtype) if weight.dtype == jnp.bool_ else weight
         weight = _checks.as_floating(weight, "sample_weight").astype(dtype)
         _checks.same_shape(weight, "sample_weight", (num_examples,), "one weight per example")
-    total = jnp.sum(weight * loss)
+    # A zero weight masks its row (the contract's rule): select before multiplying, so that a
+    # NaN row it excludes is dropped rather than turned into 0 * NaN.
+    total = jnp.sum(jnp.where(weight == 0, jnp.zeros((), dtype), weight * loss))
     return total / jnp.sum(weight) if normalize else total

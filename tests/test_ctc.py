@@ -246,3 +246,59 @@ def test_signatures_are_optaxs(name):
         return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
 
     assert params(getattr(jaxce, name)) == params(getattr(optax.losses, name))
+
+
+_FMAX = float(np.finfo(np.float32).max)
+
+
+@pytest.mark.parametrize(
+    "frame0",
+    [
+        [-np.inf, 0.0, 0.0],  # the issue's reproducer: the blank, which `a a` does not need
+        [0.0, 0.0, -np.inf],  # a class no alignment uses
+        [_FMAX, -_FMAX, 0.0],  # log_softmax gives -inf for class 1 ... which `- a` avoids
+        [0.0, _FMAX, -_FMAX],
+        [-_FMAX, 0.0, 0.0],
+    ],
+)
+def test_gradient_finite_for_infinite_and_extreme_logits(frame0):
+    """A class of probability 0 that an alignment can do without leaves a finite loss, and its
+    gradient must be finite too (it was NaN: logaddexp of two -inf states): equal to the
+    gradient with that logit at a large finite value, where its probability is negligible."""
+    labels, paddings = jnp.array([[1]]), jnp.zeros((1, 1))
+
+    def loss(logits):
+        return jaxce.ctc_loss(logits, jnp.zeros((1, 2)), labels, paddings).sum()
+
+    logits = jnp.array([[frame0, [0.0, 0.0, 0.0]]], jnp.float32)
+    value, grad = jax.value_and_grad(loss)(logits)
+    assert np.isfinite(value) and np.isfinite(np.asarray(grad)).all(), grad
+    tame = jnp.clip(logits, -60.0, 60.0)  # same probabilities to float32 precision
+    np.testing.assert_allclose(value, loss(tame), rtol=1e-6)
+    np.testing.assert_allclose(grad, jax.grad(loss)(tame), atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_gradient_under_checkify_all_checks(batch):
+    """``checkify(grad(ctc_loss), errors=all_checks)`` ran into JAX's ``IndexError: tuple index
+    out of range`` (take_along_axis's gradient) once the batch had two sequences."""
+    rng = _seeded("checkify", batch)
+    logits, logit_paddings, labels, label_paddings = _case(rng, batch, 5, 4, 2, 0, pad_frames=False)
+
+    def loss(x):
+        return jaxce.ctc_loss(x, logit_paddings, labels, label_paddings).sum()
+
+    error, grad = checkify.checkify(jax.grad(loss), errors=checkify.all_checks)(logits)
+    assert error.get() is None
+    np.testing.assert_allclose(grad, jax.grad(loss)(logits), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("blank_id", [4, 7, -1, -4])
+def test_blank_id_outside_classes_raises(blank_id):
+    """``blank_id`` must be a class: it was silently clamped (4 -> 3) or wrapped (-1 -> 3)."""
+    rng = _seeded("blank", blank_id)
+    args = _case(rng, 2, 5, 4, 2, 0, pad_frames=False)
+    for fn in (jaxce.ctc_loss, jaxce.ctc_loss_with_forward_probs):
+        with pytest.raises(ValueError, match="blank_id"):
+            fn(*args, blank_id=blank_id)
+    assert np.isfinite(jaxce.ctc_loss(*args, blank_id=3)).all()

@@ -465,3 +465,154 @@ def test_kl_divergence_negative_target_is_nan_for_that_example_only():
     assert np.isnan(got[1]) and np.isfinite(got[0]) and np.isfinite(got[2])
     np.testing.assert_allclose(got[0], 0.5 * np.log(2) * 2, rtol=1e-6)
     assert np.isnan(jaxce.kl_divergence(log_q, p, reduction="mean"))
+
+
+# ----------------------------------------------------------------------------- identical inputs
+def _same_distribution_cases(s):
+    """name -> the divergence of two arrays that are (or represent) the same distribution."""
+    ls, p = jax.nn.log_softmax(s), jax.nn.softmax(s)
+    pt = jaxce.pytorch
+    cases = {
+        f"softmax_kl T={t}": lambda t=t: jaxce.softmax_kl_divergence(s, s, temperature=t)
+        for t in (1.0, 2.0, 3.0)
+    }
+    cases |= {
+        f"js beta={b}": lambda b=b: jaxce.js_divergence(s, s, beta=b)
+        for b in (0.0, 0.1, 0.5, 0.9, 1.0)
+    }
+    cases |= {
+        "kl(log_softmax, softmax)": lambda: jaxce.kl_divergence(ls, p),
+        "kl(log_softmax, exp(log_softmax))": lambda: jaxce.kl_divergence(ls, jnp.exp(ls)),
+        "kl_log": lambda: jaxce.kl_divergence_with_log_targets(ls, ls),
+        "generalized_kl(log p, p)": lambda: jaxce.generalized_kl_divergence(jnp.log(p), p),
+        "softmax_kl mean": lambda: jaxce.softmax_kl_divergence(s, s, reduction="mean"),
+    }
+    for reduction in ("none", "sum", "mean", "batchmean"):
+        cases[f"torch kl_div {reduction}"] = lambda r=reduction: pt.kl_div(ls, p, reduction=r)
+        cases[f"torch kl_div log {reduction}"] = lambda r=reduction: pt.kl_div(
+            ls, ls, reduction=r, log_target=True
+        )
+        cases[f"torch KLDivLoss {reduction}"] = lambda r=reduction: pt.KLDivLoss(reduction=r)(ls, p)
+    return cases
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_identical_inputs_give_exactly_zero(dtype):
+    """The contract: a divergence of two copies of one distribution is exactly 0.0 (64 rows of
+    1000 logits, normal x 3; before the fix softmax_kl at T=3 ranged over +-8.6e-6)."""
+    with jax.enable_x64(dtype == np.float64), pytest.warns(DeprecationWarning):
+        s = jnp.asarray(np.random.default_rng(7).normal(size=(64, 1000)) * 3, dtype)
+        cases = _same_distribution_cases(s)
+        cases["convex_kl"] = lambda: jaxce.convex_kl_divergence(
+            jnp.log(jax.nn.softmax(s)), jax.nn.softmax(s)
+        )
+        bad = {}
+        for name, f in cases.items():
+            got = np.asarray(f())
+            if not (got == 0).all():
+                bad[name] = (got.min(), got.max())
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("name", ["softmax_kl", "softmax_kl_teacher", "js", "kl_log"])
+def test_gradient_at_identical_inputs(name):
+    """At p = q the divergences have a zero gradient and a positive-definite Hessian: the exact
+    zero of the value must not kill either (second order checked against finite differences)."""
+    f = {
+        "softmax_kl": lambda a, b: jaxce.softmax_kl_divergence(a, b, temperature=2.0),
+        "softmax_kl_teacher": lambda a, b: jaxce.softmax_kl_divergence(b, a, temperature=2.0),
+        "js": lambda a, b: jaxce.js_divergence(a, b, beta=0.3),
+        "kl_log": lambda a, b: jaxce.kl_divergence_with_log_targets(
+            jax.nn.log_softmax(a), jax.nn.log_softmax(b)
+        ),
+    }[name]
+    x = np.random.default_rng(3).normal(size=(4, 7)) * 2
+    g = jax.grad(lambda a: f(a, jnp.asarray(x, jnp.float32)).sum())(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(g, 0.0, atol=1e-6)
+    # a unit-norm direction: the second derivative along it is the Fisher information, > 0
+    v = np.random.default_rng(4).normal(size=x.shape)
+    with jax.enable_x64(True):
+        xx = jnp.asarray(x)
+        curve = jax.grad(jax.grad(lambda t: f(xx + t * v, xx).sum()))(0.0)
+    assert curve > 1e-3
+    check_grads_2(lambda a: f(a, jnp.asarray(x)).sum(), (x,), rtol=1e-4, atol=1e-4)
+
+
+_near = st.floats(-(2.0**-10), 2.0**-10, width=32)
+
+
+@jax.jit
+def _all_divergences(a, b, temperature):
+    return (
+        jaxce.softmax_kl_divergence(a, b, temperature=temperature),
+        jaxce.js_divergence(a, b, beta=temperature / 4),
+        jaxce.kl_divergence(jax.nn.log_softmax(a), jax.nn.softmax(b)),
+        jaxce.kl_divergence_with_log_targets(jax.nn.log_softmax(a), jax.nn.log_softmax(b)),
+        jaxce.generalized_kl_divergence(jax.nn.log_softmax(a), jax.nn.softmax(b)),
+        jaxce.pytorch.kl_div(jax.nn.log_softmax(a), jax.nn.softmax(b), reduction="batchmean"),
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(_rows, hnp.arrays(np.float32, (N, C), elements=_near), st.sampled_from([0.5, 1.0, 3.0]))
+def test_property_divergences_never_negative(a, noise, temperature):
+    """On random and on nearly identical logits every divergence is >= 0 (no tolerance), and
+    exactly 0 on identical ones."""
+    for b in (a + noise, a[::-1]):
+        for got in _all_divergences(a, b, temperature):
+            assert (np.asarray(got) >= 0).all()
+    for got in _all_divergences(a, a, temperature)[:4]:  # generalized KL: exact tiny values
+        assert (np.asarray(got) == 0).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+@pytest.mark.parametrize("delta", [1e-2, 1e-3])
+def test_near_identical_keeps_precision(delta, temperature):
+    """Logits ``delta`` apart (1000 classes, float32): the divergence (~delta**2 / 2) keeps a
+    small relative error; as a difference of sums of log-probabilities it was off by 9x
+    (delta = 1e-3, T = 3: the rounding of log p, ~1e-6, swamps a KL of 5e-7)."""
+    rng = np.random.default_rng(11)
+    s = (rng.normal(size=(8, 1000)) * 3).astype(np.float32)
+    t = (s + delta * rng.normal(size=s.shape)).astype(np.float32)
+    got = np.asarray(jaxce.softmax_kl_divergence(s, t, temperature=temperature))
+    want = [
+        ref_softmax_kl(a.astype(np.float64), b.astype(np.float64), temperature)
+        for a, b in zip(s, t, strict=True)
+    ]
+    np.testing.assert_allclose(got, want, rtol=1e-2)
+
+
+def test_generalized_kl_overflow_is_inf():
+    """A log-prediction beyond log(max) makes exp overflow: the exact value exceeds the dtype,
+    so the result is +inf (was 1.97e38 at float32 max and -inf at +inf), with a gradient
+    q - p = +inf in log q and log p - log q in p, never NaN."""
+    fmax = np.finfo(np.float32).max
+    log_q = jnp.array([[fmax, 0.0], [np.inf, 0.0], [100.0, 0.0], [-np.inf, 0.0]], jnp.float32)
+    p = jnp.full((4, 2), 0.5, jnp.float32)
+    with pytest.warns(DeprecationWarning):
+        for f in (jaxce.generalized_kl_divergence, jaxce.convex_kl_divergence):
+            got = np.asarray(f(log_q, p))
+            assert np.isposinf(got).all(), (f, got)
+    g_q, g_p = jax.grad(lambda a, b: jaxce.generalized_kl_divergence(a, b).sum(), (0, 1))(log_q, p)
+    assert not np.isnan(g_q).any() and not np.isnan(g_p).any()
+    assert np.isposinf(g_q[:3, 0]).all() and g_q[3, 0] == -0.5
+    np.testing.assert_allclose(g_p[:, 1], np.log(0.5), rtol=1e-6)  # log p - log q
+    np.testing.assert_allclose(g_p[0, 0], np.log(0.5) - fmax, rtol=1e-6)
+    # the overflow guard leaves ordinary values alone: 88 is still finite in float32
+    q88 = np.asarray(jaxce.generalized_kl_divergence(jnp.array([88.0], jnp.float32), p[0, :1]))
+    want = np.exp(88.0) - 0.5 + 0.5 * np.log(0.5) - 0.5 * 88.0
+    np.testing.assert_allclose(q88, want, rtol=1e-5)
+
+
+def test_generalized_kl_is_a_nonnegative_precise_bregman_sum():
+    """Termwise p log(p/q) - p + q >= 0: equal inputs give 0 and close ones their (tiny, exact)
+    value, not rounding noise of either sign."""
+    rng = np.random.default_rng(5)
+    with jax.enable_x64(True):
+        p = rng.uniform(0.1, 2.0, size=(4, 30))
+        log_q = np.log(p) + 1e-6 * rng.normal(size=p.shape)
+        got = np.asarray(jaxce.generalized_kl_divergence(log_q, p))
+        d = log_q - np.log(p)
+        want = np.sum(p * (np.expm1(d) - d), axis=-1)  # the same sum, d tiny: p d^2 / 2
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        assert (got > 0).all()

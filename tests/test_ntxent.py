@@ -129,3 +129,35 @@ def test_signature_is_optaxs():
         return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
 
     assert params(jaxce.ntxent) == params(optax.losses.ntxent)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30, np.finfo(np.float32).max / 2])
+def test_scale_free_for_large_and_tiny_embeddings(scale):
+    """Cosine similarity does not depend on the norm: an embedding scaled by 1e30 or by
+    float32's max/2 gives the loss of the unscaled one (it overflowed to 0.745 vs 0.141).
+    A row scaled to 1e-30 is below optax's norm floor sqrt(eps) and keeps optax's meaning."""
+    base = np.array([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]], np.float32)
+    labels = np.array([0, 0, 1])
+    scaled = base.copy()
+    scaled[0] *= np.float32(scale)
+    got = float(jaxce.ntxent(scaled, labels, temperature=0.5))
+    if scale < 1:
+        want = float(optax.ntxent(jnp.asarray(scaled), jnp.asarray(labels), temperature=0.5))
+    else:
+        want = float(jaxce.ntxent(base, labels, temperature=0.5))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_finite_gradients_at_float32_max(sign):
+    """The gradient is finite (not NaN) for embeddings at +-float32 max."""
+    top = np.finfo(np.float32).max
+    x = np.array([[sign * top, 0.0], [1.0, 0.1], [0.0, -top], [top, top]], np.float32)
+    labels = np.array([0, 0, 1, 1])
+    value, grad = jax.value_and_grad(lambda e: jaxce.ntxent(e, labels, temperature=0.5))(x)
+    unit = x / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    np.testing.assert_allclose(value, jaxce.ntxent(unit.astype(np.float32), labels, 0.5), 1e-6)
+    assert np.isfinite(np.asarray(grad)).all()
+    unit[1] = x[1]  # the one row of ordinary size: its gradient is the same
+    want = jax.grad(lambda e: jaxce.ntxent(e, labels, temperature=0.5))(unit.astype(np.float32))
+    np.testing.assert_allclose(grad[1], want[1], rtol=1e-5)

@@ -211,3 +211,104 @@ def test_repr_names_the_class_and_options():
     assert repr(pytorch.KLDivLoss(reduction="batchmean")) == (
         "KLDivLoss(reduction='batchmean', log_target=False)"
     )
+
+
+# ----------------------------------------------------------------------------- PyTorch's own inputs
+def _torch_no_batch_dim_inputs(name: str):
+    """The ``(input_fn, target_fn)`` of ``name`` in PyTorch's own criterion tests.
+
+    PyTorch lists them in ``classification_criterion_no_batch`` of
+    ``torch/testing/_internal/common_nn.py`` (the ``*_no_batch_dim_{reduction}`` criterion
+    tests); that module cannot be imported without PyTorch's test dependencies, so the two
+    lambdas are read from its source and evaluated here.
+    """
+    import ast
+    import pathlib
+
+    import torch.testing._internal as internal
+
+    source = (pathlib.Path(internal.__file__).parent / "common_nn.py").read_text()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "classification_criterion_no_batch"
+            for t in node.targets
+        ):
+            for entry in node.value.elts:  # type: ignore[attr-defined]
+                if isinstance(entry.elts[0], ast.Constant) and entry.elts[0].value == name:
+                    return tuple(
+                        eval(compile(ast.Expression(e), "common_nn.py", "eval"), {"torch": torch})
+                        for e in entry.elts[1:]
+                    )
+    raise AssertionError(f"{name} is not in PyTorch's classification_criterion_no_batch")
+
+
+@pytest.mark.parametrize("options", ["", "weight", "pos_weight", "weight+pos_weight"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_bce_with_logits_loss_passes_pytorchs_no_batch_dim_criterion_tests(reduction, options):
+    """PyTorch's ``BCEWithLogitsLoss_no_batch_dim_*`` inputs (``randn`` logits *and* targets:
+    many targets lie outside [0, 1]), with and without ``weight``/``pos_weight``: the value and
+    the gradients w.r.t. input and target equal torch's, in float64, for the module and the
+    function, and the no-batch result equals the batch-of-one one (PyTorch's reference)."""
+    input_fn, target_fn = _torch_no_batch_dim_inputs("BCEWithLogitsLoss")
+    torch.manual_seed(zlib.crc32(f"{reduction}{options}".encode()))
+    for _ in range(3):
+        x, t = input_fn(), target_fn()
+        assert x.dtype == t.dtype == torch.float64 and x.shape == t.shape == (9,)
+        assert ((t < 0) | (t > 1)).any()
+        kw_torch = {}
+        if "pos_weight" in options:
+            kw_torch["pos_weight"] = torch.rand(9, dtype=torch.double) * 3
+        if options.startswith("weight"):
+            kw_torch["weight"] = torch.rand(9, dtype=torch.double) * 2
+        criterion = torch.nn.BCEWithLogitsLoss(reduction=reduction, **kw_torch)
+        xt, tt = x.clone().requires_grad_(True), t.clone().requires_grad_(True)
+        want = criterion(xt, tt)
+        cot = torch.randn(want.shape, dtype=torch.double)
+        want.backward(cot)
+        batch_of_one = criterion(x[None], t[None])
+        np.testing.assert_allclose(
+            want.detach().numpy(),
+            batch_of_one[0].detach().numpy() if reduction == "none" else batch_of_one.detach(),
+        )
+        with jax.enable_x64(True):
+            kw = {k: jnp.asarray(v.numpy()) for k, v in kw_torch.items()}
+            for fn in (
+                pytorch.BCEWithLogitsLoss(reduction=reduction, **kw),
+                lambda a, b, kw=kw: pytorch.binary_cross_entropy_with_logits(
+                    a, b, reduction=reduction, **kw
+                ),
+            ):
+                got, vjp = jax.vjp(fn, jnp.asarray(x.numpy()), jnp.asarray(t.numpy()))
+                g_x, g_t = vjp(jnp.asarray(cot.numpy()))
+                np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-12, atol=1e-12)
+                np.testing.assert_allclose(g_x, xt.grad.numpy(), rtol=1e-12, atol=1e-12)
+                np.testing.assert_allclose(g_t, tt.grad.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_bce_with_logits_any_real_target_under_jit_and_core_keeps_nan():
+    """Outside [0, 1] under ``jit`` too (no eager-only path), while the core keeps the
+    contract's rule: a binary label outside [0, 1] is NaN."""
+    x = np.array([0.3, -2.0, 5.0, 0.0], np.float32)
+    t = np.array([2.0, -1.5, 0.5, -3.0], np.float32)
+    want = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.from_numpy(x), torch.from_numpy(t), reduction="none"
+    ).numpy()
+    got = jax.jit(lambda a, b: pytorch.binary_cross_entropy_with_logits(a, b, reduction="none"))(
+        x, t
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    import jaxce
+
+    core = np.asarray(jaxce.sigmoid_binary_cross_entropy(x, t))
+    assert np.isnan(core[[0, 1, 3]]).all() and np.isfinite(core[2])
+
+
+def test_bce_on_probabilities_rejects_targets_outside_unit_interval_like_torch():
+    """PyTorch's ``binary_cross_entropy`` raises for a target (not only an input) outside
+    [0, 1]; so does ``jaxce.pytorch`` (eagerly), for the function and ``BCELoss``."""
+    p, t = np.array([0.5, 0.3], np.float32), np.array([2.0, 0.0], np.float32)
+    with pytest.raises(RuntimeError, match="target"):
+        torch.nn.functional.binary_cross_entropy(torch.from_numpy(p), torch.from_numpy(t))
+    for fn in (pytorch.binary_cross_entropy, pytorch.BCELoss()):
+        with pytest.raises(RuntimeError, match="target"):
+            fn(p, t)

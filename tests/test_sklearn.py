@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import check_grads_2
+from jax.experimental import checkify
 
 from jaxce import sklearn as jsk
 
@@ -251,3 +252,28 @@ def test_vmap_over_a_batch_of_evaluations(rng):
     got = jax.vmap(lambda t, p: jsk.log_loss(t, p, labels=(0, 1, 2)))(y_true, y_proba)
     want = [metrics.log_loss(t, p, labels=[0, 1, 2]) for t, p in zip(y_true, y_proba, strict=True)]
     np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
+@pytest.mark.parametrize("bad", [1.25, -0.25, 1.0 + 1e-6])
+def test_under_jit_probabilities_outside_unit_interval_give_nan(bad):
+    """Eagerly such a row raises (as scikit-learn); under ``jit`` it was clipped into
+    [eps, 1 - eps], a finite loss: it is NaN for that row, a zero weight masks it, and
+    ``checkify`` names the argument."""
+    y_true = jnp.array([1, 0, 1])
+    y_proba = np.array([[0.3, 0.7], [0.4, 0.6], [0.5, 0.5]], np.float32)
+    y_proba[1] = [1 - bad, bad]
+    with pytest.raises(ValueError, match="outside"):
+        jsk.log_loss(y_true, y_proba, labels=(0, 1))
+    loss = jax.jit(lambda p, w: jsk.log_loss(y_true, p, sample_weight=w, labels=(0, 1)))
+    assert np.isnan(loss(y_proba, jnp.ones(3)))
+    one_d = jax.jit(lambda p: jsk.log_loss(y_true, p, normalize=False))(y_proba[:, 1])
+    assert np.isnan(one_d)
+    masked = loss(y_proba, jnp.array([1.0, 0.0, 1.0]))
+    want = metrics.log_loss([1, 1], y_proba[[0, 2]], labels=[0, 1])
+    np.testing.assert_allclose(float(masked), want, rtol=1e-6)
+    grad = jax.grad(loss)(jnp.asarray(y_proba), jnp.array([1.0, 0.0, 1.0]))
+    assert np.isfinite(np.asarray(grad)).all() and (np.asarray(grad)[1] == 0).all()
+    checked = checkify.checkify(loss, errors=checkify.user_checks)
+    error, _ = checked(y_proba, jnp.ones(3))
+    with pytest.raises(checkify.JaxRuntimeError, match="y_proba"):
+        error.throw()
