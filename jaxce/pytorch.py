@@ -631,7 +631,7 @@ def kl_div(
     gives 0. PyTorch warns that ``"mean"`` is not the KL divergence; this does not. An
     element, or a reduced total, within the rounding error of its terms is exactly 0 (value
     only), so two arrays of one distribution, e.g. ``log_softmax(s)`` and ``softmax(s)``,
-    give 0.0 where PyTorch gives a rounding residue such as ``-3e-8``.
+    give 0.0 where PyTorch gives a rounding residue (``-6e-8`` summed over 64 x 1000).
 
     Examples:
       >>> import jax.numpy as jnp
