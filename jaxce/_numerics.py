@@ -199,3 +199,21 @@ def centred_kl(p: Array, q: Array, d: Array, live: Array) -> tuple[Array, Array]
     d = jnp.where(near[..., None], d, zero)
     shift = jnp.log1p(jnp.sum(jnp.where(live, q * jnp.expm1(d), zero), axis=-1))
     return jnp.sum(jnp.where(live, p * (d - shift[..., None]), zero), axis=-1), near
+
+
+def near_rows(d: Array, live: Array) -> Array:
+    """Rows where every live ``|d_c| <= 1`` (a NaN row is not near): the centred forms' domain."""
+    return jnp.all(jnp.abs(jnp.where(live, d, _zero(d))) <= 1, axis=-1)
+
+
+def by_rows(near: Array, close, far, dtype) -> Array:
+    """``where(near, close(), far())``, computing a branch only if some row takes it.
+
+    Each branch is a ``lax.cond`` on whether any row needs it, so a batch whose rows are all
+    near (or all far) pays for one formula; under ``vmap`` the conds become selects and both
+    run, as a plain ``where`` would.
+    """
+    zeros = lambda: jnp.zeros(near.shape, dtype)  # noqa: E731
+    close_rows = jax.lax.cond(jnp.any(near), close, zeros)
+    far_rows = jax.lax.cond(jnp.all(near), zeros, far)
+    return jnp.where(near, close_rows, far_rows)
