@@ -207,13 +207,10 @@ def near_rows(d: Array, live: Array) -> Array:
 
 
 def by_rows(near: Array, close, far, dtype) -> Array:
-    """``where(near, close(), far())``, computing a branch only if some row takes it.
+    """``where(near, close(), far())``: both forms computed, one selected per row.
 
-    Each branch is a ``lax.cond`` on whether any row needs it, so a batch whose rows are all
-    near (or all far) pays for one formula; under ``vmap`` the conds become selects and both
-    run, as a plain ``where`` would.
+    A ``lax.cond`` skipping a form that no row takes was measured slower (2-5x at 512 x 32000
+    float32 on CPU, gradients included): it splits the fusions XLA builds around the select.
+    ``dtype`` is the result's.
     """
-    zeros = lambda: jnp.zeros(near.shape, dtype)  # noqa: E731
-    close_rows = jax.lax.cond(jnp.any(near), close, zeros)
-    far_rows = jax.lax.cond(jnp.all(near), zeros, far)
-    return jnp.where(near, close_rows, far_rows)
+    return jnp.where(near, close(), far()).astype(dtype)
