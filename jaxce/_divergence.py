@@ -433,19 +433,26 @@ def softmax_kl_divergence(
     on_support = _numerics.support(p, mask)
     s = student.values / t
     m, log_s = _logits.log_normalizer(s, mask)
+
     # Termwise p_c (log p_c - log q_c) with -log q_c = log_s + 2 (m/2 - s_c/2): no difference
     # of two large sums, and no overflow for logits of opposite signs near the dtype's limit.
-    far = _numerics.weighted_log_ratio_halved(
-        p, log_p + log_s[..., None], m[..., None], s, on_support
-    )
+    def far():
+        return _numerics.weighted_log_ratio_halved(
+            p, log_p + log_s[..., None], m[..., None], s, on_support
+        )
+
     # Rows whose logits differ by at most 1 (after scaling) take the centred form, exact to
     # a relative error of about eps / |t - s| where the termwise sum only has eps * |log p|.
     live = ~((student.values == -jnp.inf) & (teacher == -jnp.inf))
     if mask is not None:
         live = live & mask
-    q = jnp.exp((s - m[..., None]) - log_s[..., None])
-    close, near = _numerics.centred_kl(p, q, teacher / t - s, live)
-    kl = jnp.where(near, close, far)
+    d = teacher / t - s
+
+    def close():
+        q = jnp.exp((s - m[..., None]) - log_s[..., None])
+        return _numerics.centred_kl(p, q, d, live)[0]
+
+    kl = _numerics.by_rows(_numerics.near_rows(d, live), close, far, p.dtype)
     kl = _numerics.divergence_floor(kl, _same_rows(student, teacher))
     return _reduce.weigh_and_reduce(jnp.square(t) * kl, weights, reduction)
 
@@ -538,13 +545,52 @@ def js_divergence(
     mask = first.class_mask
     log_p = _logits.log_softmax(first.values, mask)
     log_q = _logits.log_softmax(second, mask)
-    log_m = _numerics.log_add_exp(_numerics.safe_log(b) + log_p, _numerics.safe_log(1 - b) + log_q)
-    wp, wq = b * jnp.exp(log_p), (1 - b) * jnp.exp(log_q)
-    js = _numerics.weighted_log_ratio(
-        wp, log_p, log_m, _numerics.support(wp, mask)
-    ) + _numerics.weighted_log_ratio(wq, log_q, log_m, _numerics.support(wq, mask))
+    p, q = jnp.exp(log_p), jnp.exp(log_q)
+
+    def far():
+        log_m = _numerics.log_add_exp(
+            _numerics.safe_log(b) + log_p, _numerics.safe_log(1 - b) + log_q
+        )
+        wp, wq = b * p, (1 - b) * q
+        return _numerics.weighted_log_ratio(
+            wp, log_p, log_m, _numerics.support(wp, mask)
+        ) + _numerics.weighted_log_ratio(wq, log_q, log_m, _numerics.support(wq, mask))
+
+    def close():
+        return _centred_js(first, second, b, p, q)[0]
+
+    live = ~((first.values == -jnp.inf) & (second == -jnp.inf))
+    if mask is not None:
+        live = live & mask
+    near = _numerics.near_rows(second - first.values, live)
+    js = _numerics.by_rows(near, close, far, p.dtype)
     js = _numerics.divergence_floor(js, _same_rows(first, second))
     return _reduce.weigh_and_reduce(js, weights, reduction)
+
+
+def _centred_js(first: _logits.Logits, second: Array, b: Array, p: Array, q: Array):
+    r"""``(JS, near)`` for rows whose logits differ by at most 1, in the centred form.
+
+    With :math:`e = x_q - x_p` and :math:`D = \operatorname{log1p}(\sum_c p_c
+    \operatorname{expm1}(e_c))`, :math:`d = e - D = \log q - \log p` exactly as a difference
+    of logits, and :math:`\log m - \log p = \operatorname{log1p}((1 - \beta)
+    \operatorname{expm1}(d))`, :math:`\log m - \log q = \operatorname{log1p}(\beta
+    \operatorname{expm1}(-d))`: no log-probability enters, so a small divergence keeps its
+    relative precision and identical logits give 0. Other rows: 0 with zero derivatives.
+    """
+    live = ~((first.values == -jnp.inf) & (second == -jnp.inf))
+    if first.class_mask is not None:
+        live = live & first.class_mask
+    zero = jnp.zeros((), p.dtype)
+    e = jnp.where(live, second - first.values, zero)
+    near = jnp.all(jnp.abs(e) <= 1, axis=-1)
+    e = jnp.where(near[..., None], e, zero)
+    shift = jnp.log1p(jnp.sum(jnp.where(live, p * jnp.expm1(e), zero), axis=-1))
+    d = e - shift[..., None]
+    to_m_from_p = jnp.log1p((1 - b) * jnp.expm1(d))
+    to_m_from_q = jnp.log1p(b * jnp.expm1(-d))
+    terms = b * p * to_m_from_p + (1 - b) * q * to_m_from_q
+    return -jnp.sum(jnp.where(live, terms, zero), axis=-1), near
 
 
 def _eps(x: Array) -> float:

@@ -199,3 +199,18 @@ def centred_kl(p: Array, q: Array, d: Array, live: Array) -> tuple[Array, Array]
     d = jnp.where(near[..., None], d, zero)
     shift = jnp.log1p(jnp.sum(jnp.where(live, q * jnp.expm1(d), zero), axis=-1))
     return jnp.sum(jnp.where(live, p * (d - shift[..., None]), zero), axis=-1), near
+
+
+def near_rows(d: Array, live: Array) -> Array:
+    """Rows where every live ``|d_c| <= 1`` (a NaN row is not near): the centred forms' domain."""
+    return jnp.all(jnp.abs(jnp.where(live, d, _zero(d))) <= 1, axis=-1)
+
+
+def by_rows(near: Array, close, far, dtype) -> Array:
+    """``where(near, close(), far())``: both forms computed, one selected per row.
+
+    A ``lax.cond`` skipping a form that no row takes was measured slower (2-5x at 512 x 32000
+    float32 on CPU, gradients included): it splits the fusions XLA builds around the select.
+    ``dtype`` is the result's.
+    """
+    return jnp.where(near, close(), far()).astype(dtype)

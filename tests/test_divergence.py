@@ -565,20 +565,24 @@ def test_property_divergences_never_negative(a, noise, temperature):
         assert (np.asarray(got) == 0).all()
 
 
-@pytest.mark.parametrize("temperature", [1.0, 3.0])
+@pytest.mark.parametrize("setting", [1.0, 3.0, "js 0.5", "js 0.1"])
 @pytest.mark.parametrize("delta", [1e-2, 1e-3])
-def test_near_identical_keeps_precision(delta, temperature):
-    """Logits ``delta`` apart (1000 classes, float32): the divergence (~delta**2 / 2) keeps a
-    small relative error; as a difference of sums of log-probabilities it was off by 9x
-    (delta = 1e-3, T = 3: the rounding of log p, ~1e-6, swamps a KL of 5e-7)."""
+def test_near_identical_keeps_precision(delta, setting):
+    """Logits ``delta`` apart (1000 classes, float32): the divergence (~delta**2) keeps a small
+    relative error; as a difference of sums of log-probabilities it was off by 16x for the
+    KL (delta = 1e-3, T = 3: the rounding of log p, ~1e-6, swamps a KL of 5e-7) and 25x for
+    the JSD at beta = 0.1."""
     rng = np.random.default_rng(11)
     s = (rng.normal(size=(8, 1000)) * 3).astype(np.float32)
     t = (s + delta * rng.normal(size=s.shape)).astype(np.float32)
-    got = np.asarray(jaxce.softmax_kl_divergence(s, t, temperature=temperature))
-    want = [
-        ref_softmax_kl(a.astype(np.float64), b.astype(np.float64), temperature)
-        for a, b in zip(s, t, strict=True)
-    ]
+    if isinstance(setting, str):
+        beta = float(setting.split()[1])
+        got = np.asarray(jaxce.js_divergence(s, t, beta=beta))
+        ref = lambda a, b: ref_js(a, b, beta)  # noqa: E731
+    else:
+        got = np.asarray(jaxce.softmax_kl_divergence(s, t, temperature=setting))
+        ref = lambda a, b: ref_softmax_kl(a, b, setting)  # noqa: E731
+    want = [ref(a.astype(np.float64), b.astype(np.float64)) for a, b in zip(s, t, strict=True)]
     np.testing.assert_allclose(got, want, rtol=1e-2)
 
 
