@@ -40,8 +40,12 @@ autosummary_imported_members = True
 autodoc_default_options = {"members": False}
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
-# ``jax.typing.ArrayLike`` is a long Union: signatures show its name instead.
-autodoc_type_aliases = {"ArrayLike": "jax.typing.ArrayLike", "Array": "jax.Array"}
+# ``jax.typing.ArrayLike`` is a long Union: signatures show the alias as the source writes it.
+# Each alias maps to its own name, not to ``jax.typing.ArrayLike``: for an ``@overload``ed
+# function Sphinx evaluates an alias's target a second time in the module's namespace, so a
+# dotted target would come back as the expanded eight-type Union; its own name comes back as
+# the string ``"ArrayLike"``. ``.ci/run`` checks the built pages for an expanded Union.
+autodoc_type_aliases = {"ArrayLike": "ArrayLike", "Array": "Array"}
 add_module_names = False
 
 napoleon_google_docstring = True
