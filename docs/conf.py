@@ -65,7 +65,13 @@ html_theme_options = {
     # Only the long guides get a "Contents" column; elsewhere the text takes the room.
     "secondary_sidebar_items": {
         page: ["page-toc"]
-        for page in ("getting_started", "conventions", "large_vocabulary", "examples")
+        for page in (
+            "getting_started",
+            "conventions",
+            "large_vocabulary",
+            "post_training",
+            "examples",
+        )
     },
 }
 
