@@ -73,7 +73,13 @@ def test_every_api_page_is_in_the_api_toctree():
             assert re.search(rf"^   {page.stem}$", index, re.M), page.name
 
 
-GUIDES = ["getting_started", "conventions", "pytorch_migration", "large_vocabulary"]
+GUIDES = [
+    "getting_started",
+    "conventions",
+    "pytorch_migration",
+    "large_vocabulary",
+    "post_training",
+]
 _CODE = re.compile(r"^\.\. code-block:: python\n\n((?:   .*\n|\n)+)", re.M)
 
 
