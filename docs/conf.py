@@ -11,6 +11,8 @@ import os
 import re
 import sys
 
+import sphinx.ext.autosummary
+
 # Document the checkout this file belongs to, also when another jaxce is installed.
 sys.path.insert(0, os.path.abspath(".."))
 
@@ -86,6 +88,19 @@ def _plain_aliases(app, what, name, obj, options, signature, return_annotation):
     if return_annotation:
         return_annotation = _FORWARD_REF.sub(r"\1", return_annotation)
     return signature, return_annotation
+
+
+# The summary tables of the API pages: Sphinx joins an overloaded function's signatures (one per
+# ``@overload``, e.g. for ``reduction="sum_and_weight"``) with newlines before compacting them,
+# and the compacted form of the joined text is ``(-> Array)``. Compact the first one alone.
+_mangle_signature = sphinx.ext.autosummary.mangle_signature
+
+
+def _mangle_first_signature(sig: str, max_chars: int = 30) -> str:
+    return _mangle_signature(sig.split("\n", 1)[0], max_chars=max_chars)
+
+
+sphinx.ext.autosummary.mangle_signature = _mangle_first_signature
 
 
 def setup(app):
