@@ -30,6 +30,7 @@ from jaxce._linear_distill import linear_js_divergence as linear_js_divergence
 from jaxce._linear_distill import (
     linear_softmax_kl_divergence as linear_softmax_kl_divergence,
 )
+from jaxce._linear_log_probs import linear_log_probs as linear_log_probs
 from jaxce._reduce import weighted_mean as weighted_mean
 from jaxce._softmax import nll_loss as nll_loss
 from jaxce._softmax import poly_loss_cross_entropy as poly_loss_cross_entropy
@@ -56,6 +57,7 @@ __all__ = [
     "kl_divergence",
     "kl_divergence_with_log_targets",
     "linear_js_divergence",
+    "linear_log_probs",
     "linear_softmax_cross_entropy",
     "linear_softmax_kl_divergence",
     "nll_loss",

@@ -1,16 +1,19 @@
 """Fused linear + softmax cross-entropy for large vocabularies (never materialises the logits).
 
-Two differentiable cores, both ``jax.custom_vjp``, both built on the per-token sufficient
+Two differentiable paths, both built on the per-token sufficient
 statistics of the logits ``z = cap(x @ w + b)``: the log-normaliser ``lse``, the label's logit
 ``z_y`` and the (class-weighted) logit sum ``S = sum_c u_c z_c`` (only for label smoothing).
 Every loss term is a per-token combination ``alpha lse + beta z_y + gamma S + zeta lse**2``.
 
 * ``_stats`` (the *recompute* path) returns the statistics themselves, so any cotangent of
-  them is honoured (``reduction="none"``, a differentiated ``aux.lse``). Its forward is a
-  ``lax.scan`` over vocabulary chunks with an online log-sum-exp; its backward recomputes each
-  chunk's logits, writes that chunk's ``dW`` block in place and accumulates ``dX``: four
+  them is honoured (``reduction="none"``, a differentiated ``aux.lse``). They are statistics
+  of the shared vocabulary-streaming engine (``_stream``: ``LogNormaliser``, ``LabelLogit``,
+  ``ColumnSum``, ``Argmax``): a ``lax.scan`` over vocabulary chunks with an online
+  log-sum-exp, the vocab-parallel combine, and a backward that recomputes each chunk's
+  logits, writes that chunk's ``dW`` block in place and accumulates ``dX``: four
   ``(N, D, V)`` matmuls in all.
-* ``_total`` (the *gradient-in-forward* path) returns the scalar ``sum_i`` of the combination
+* ``_total`` (the *gradient-in-forward* path, a ``jax.custom_vjp``) returns the scalar
+  ``sum_i`` of the combination
   for known per-token coefficients (a scalar reduction). Plain evaluation runs the cheap
   statistics scan; its forward rule, which JAX runs only when a gradient is taken, walks over
   token tiles against the whole (local) vocabulary, so each tile's softmax is exact at once and
@@ -20,7 +23,9 @@ Every loss term is a per-token combination ``alpha lse + beta z_y + gamma S + ze
   differentiated by ordinary autodiff outside the core.
 
 Vocab-parallel (``axis_name``): each device computes the statistics of its vocabulary shard
-and they are combined with ``pmax``/``psum`` (inside the token-tile scan for ``_total``).
+and they are combined with ``pmax``/``psum`` (by the engine; inside the token-tile scan for
+``_total``). The argmax is combined only when ``return_aux`` asks for it, never differentiated.
+``_total`` shares the engine's cap and, for a differentiated ``aux.lse``, its backward.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from jaxce import _api, _checks, _reduce, _vocab
+from jaxce import _api, _checks, _reduce, _stream, _vocab
 from jaxce._checks import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, Reduction
 
 Array: TypeAlias = jax.Array
@@ -73,130 +78,51 @@ class _Config(NamedTuple):
 
 
 def _cap(cfg: _Config, z: Array) -> Array:
-    return z if cfg.softcap is None else cfg.softcap * jnp.tanh(z / cfg.softcap)
+    return _stream.cap(cfg.softcap, z)
 
 
 def _cap_slope(cfg: _Config, z: Array) -> Array | float:
     """D cap(u) / du at capped value ``z``: ``1 - (z / s)**2``."""
-    if cfg.softcap is None:
-        return 1.0
-    t = z / cfg.softcap
-    return 1 - t * t
+    return _stream.cap_slope(cfg.softcap, z)
 
 
-def _tile(cfg: _Config, x, w, b, i, offset):
-    """Logits of chunk ``i``: ``(z (N, C) in the accumulation dtype, wc, cols, valid, start)``."""
-    acc = _reduce.compute_dtype(x.dtype, w.dtype)
-    wc, bc, cols, fresh, start = _vocab.column_block(w, b, i, cfg.chunk)
-    z = jnp.dot(x, wc, preferred_element_type=acc)
-    if bc is not None:
-        z = z + bc.astype(acc)[None, :]
-    valid = fresh & (offset + cols < cfg.limit)
-    return _cap(cfg, z), wc, cols, valid[None, :], start
-
-
-def _block(u: Array | None, start, chunk: int):
-    return None if u is None else lax.dynamic_slice_in_dim(u, start, chunk)
-
-
-def _stats_fwd_impl(cfg: _Config, x, w, b, u, y, offset):
-    """Local ``(lse, z_y, S, m, argmax)``: scan over vocabulary chunks, online log-sum-exp.
-
-    ``m`` is the running maximum (the argmax's value) and ``argmax`` a global column id; both
-    are only meaningful with ``cfg.want_argmax``.
-    """
-    n = x.shape[0]
-    acc = _reduce.compute_dtype(x.dtype, w.dtype)
-    zero = jnp.zeros((), acc)
-
-    def body(carry, i):
-        m, s, zy, total, best = carry
-        z, _, cols, valid, start = _tile(cfg, x, w, b, i, offset)
-        zm = jnp.where(valid, z, -jnp.inf)
-        tile_max = jnp.max(zm, axis=1)
-        m_new = jnp.maximum(m, tile_max)
-        shift = jnp.where(jnp.isfinite(m_new), m_new, zero)
-        s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(zm - shift[:, None]), axis=1)
-        hit = valid & (cols[None, :] == y[:, None])
-        zy = zy + jnp.sum(jnp.where(hit, z, zero), axis=1)
+def _spec(cfg: _Config, stats: tuple[_stream.Stat, ...] | None = None) -> _stream.Spec:
+    """The engine's spec of the statistics ``(lse, z_y[, S][, argmax])`` (or ``stats``)."""
+    if stats is None:
+        stats = (_stream.LogNormaliser(), _stream.LabelLogit())
         if cfg.want_sum:
-            uc = _block(u, start, cfg.chunk)
-            zu = z if uc is None else z * uc.astype(acc)[None, :]
-            total = total + jnp.sum(jnp.where(valid, zu, zero), axis=1)
+            stats = (*stats, _stream.ColumnSum())
         if cfg.want_argmax:
-            # Strictly greater: on ties the earlier chunk, i.e. the smaller id, wins.
-            tile_arg = offset + start + jnp.argmax(zm, axis=1).astype(jnp.int32)
-            best = jnp.where(tile_max > m, tile_arg, best)
-        return (m_new, s, zy, total, best), None
-
-    init = (
-        jnp.full((n,), -jnp.inf, acc),
-        jnp.zeros((n,), acc),
-        jnp.zeros((n,), acc),
-        jnp.zeros((n,), acc),
-        jnp.zeros((n,), jnp.int32),
-    )
-    init = _vocab.varying_like(init, x, w, b, u, y, offset)
-    (m, s, zy, total, best), _ = lax.scan(
-        body, init, jnp.arange(_vocab.num_chunks(w.shape[1], cfg.chunk))
-    )
-    shift = jnp.where(jnp.isfinite(m), m, zero)
-    lse = shift + jnp.log(s)  # -inf for a row with no real class (an all-padding shard)
-    return lse, zy, total, m, best
+            stats = (*stats, _stream.Argmax())
+    return _stream.Spec(
+        stats=stats, chunk=cfg.chunk, limit=cfg.limit, axis_name=cfg.axis_name,
+        softcap=cfg.softcap,
+    )  # fmt: skip
 
 
-def _recompute_grads(cfg: _Config, x, w, b, u, y, offset, lse, g_lse, g_zy, g_sum):
-    """``(dx, dw, db, du)`` for per-token cotangents of ``(lse, z_y, S)``: one scan that
-    recomputes each chunk's logits (``g_zy``/``g_sum`` may be ``None``: zero).
+def _statistics(cfg: _Config, outputs, n: int, acc):
+    """``(lse, z_y, S, argmax)`` from the engine's outputs (zeros for those not asked for)."""
+    lse, zy = outputs[0], outputs[1]
+    rest = list(outputs[2:])
+    # Unused zeros, but device-varying like the statistics (custom_vjp output types).
+    total = rest.pop(0) if cfg.want_sum else _vocab.varying_like(jnp.zeros((n,), acc), lse)
+    best = rest.pop(0) if cfg.want_argmax else _vocab.varying_like(jnp.zeros((n,), jnp.int32), lse)
+    return lse, zy, total, best
+
+
+def _stats(cfg: _Config, x, w, b, u, y, offset):
+    """Global per-token ``(lse, z_y, S, argmax)`` of ``z = cap(x @ w + b)`` over the real
+    columns (the recompute path: any cotangent of them is honoured).
+
+    ``y`` are local column ids (``-1``: the label is not in this shard), ``offset`` is the
+    global id of local column 0 (a traced scalar under ``shard_map``) and ``u`` the optional
+    per-column weights of ``S``.
     """
-    acc = _reduce.compute_dtype(x.dtype, w.dtype)
-    operand = jnp.result_type(x.dtype, w.dtype)
-    zero = jnp.zeros((), acc)
-    # Tokens with a zero cotangent take no part: selects, not products, keep a NaN in their
-    # hidden state out of the gradient (0 * NaN is NaN).
-    active = g_lse != 0
-    for g in (g_zy, g_sum):
-        active = active if g is None else active | (g != 0)
-    x_active = jnp.where(active[:, None], x, jnp.zeros((), x.dtype))
-
-    def body(carry, i):
-        dx, dw, db, du = carry
-        z, wc, cols, valid, start = _tile(cfg, x, w, b, i, offset)
-        p = jnp.where(valid, jnp.exp(z - lse[:, None]), zero)
-        dz = g_lse[:, None] * p
-        if g_zy is not None:
-            hit = valid & (cols[None, :] == y[:, None])
-            dz = dz + jnp.where(hit, g_zy[:, None], zero)
-        uc = _block(u, start, cfg.chunk)
-        if g_sum is not None:
-            ucol = jnp.ones((), acc) if uc is None else uc.astype(acc)[None, :]
-            dz = dz + jnp.where(valid, g_sum[:, None] * ucol, zero)
-            if du is not None:
-                duc = jnp.dot(g_sum, jnp.where(valid, z, zero), preferred_element_type=acc)
-                du = lax.dynamic_update_slice_in_dim(du, duc.astype(du.dtype), start, axis=0)
-        dz = jnp.where(active[:, None], dz * _cap_slope(cfg, z), zero)
-        dzc = dz.astype(operand)
-        dx = dx + jnp.dot(dzc, wc.T, preferred_element_type=acc)
-        dwc = jnp.dot(x_active.T, dzc, preferred_element_type=acc)
-        dw = lax.dynamic_update_slice_in_dim(dw, dwc.astype(dw.dtype), start, axis=1)
-        if db is not None:
-            dbc = jnp.sum(dz, axis=0).astype(db.dtype)
-            db = lax.dynamic_update_slice_in_dim(db, dbc, start, axis=0)
-        return (dx, dw, db, du), None
-
-    init = (
-        jnp.zeros(x.shape, acc),
-        jnp.zeros(w.shape, w.dtype),
-        None if b is None else jnp.zeros(b.shape, b.dtype),
-        None if u is None or g_sum is None else jnp.zeros(u.shape, u.dtype),
-    )
-    init = _vocab.varying_like(init, x, w, b, u, y, offset, lse, g_lse, g_zy, g_sum)
-    # Reverse order: the shifted last tile writes zeros over the columns it shares with the
-    # previous tile, which then overwrites them with their true gradient.
-    (dx, dw, db, du), _ = lax.scan(
-        body, init, jnp.arange(_vocab.num_chunks(w.shape[1], cfg.chunk)), reverse=True
-    )
-    return dx, dw, db, du
+    spec = _spec(cfg)
+    u = u if cfg.want_sum else None
+    params = (None,) * len(spec.stats)
+    outputs = _stream.stream(spec, (_stream.Head(x, w, b),), u, y, offset, params)
+    return _statistics(cfg, outputs, x.shape[0], _reduce.compute_dtype(x.dtype, w.dtype))
 
 
 def _local_cotangents(dx, dw, db, du, x, w, b, u):
@@ -211,55 +137,6 @@ def _local_cotangents(dx, dw, db, du, x, w, b, u):
         else:
             out.append(_vocab.sum_over_extra_axes(ct, ref).astype(ref.dtype))
     return tuple(out)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _stats(cfg: _Config, x, w, b, u, y, offset):
-    """Local per-token ``(lse, z_y, S, m, argmax)`` of ``z = cap(x @ w + b)`` over real columns.
-
-    ``y`` are local column ids (``-1``: the label is not in this shard, ``z_y = 0``),
-    ``offset`` is the global id of local column 0 (a traced scalar under ``shard_map``) and
-    ``u`` the optional per-column weights of ``S``. ``m`` and ``argmax`` carry no gradient.
-    """
-    return _stats_fwd_impl(cfg, x, w, b, u, y, offset)
-
-
-def _stats_fwd(cfg, x, w, b, u, y, offset):
-    out = _stats_fwd_impl(cfg, x, w, b, u, y, offset)
-    return out, (x, w, b, u, y, offset, out[0])
-
-
-def _stats_bwd(cfg, res, cotangents):
-    x, w, b, u, y, offset, lse = res
-    g_lse, g_zy, g_sum, _, _ = cotangents
-    grads = _recompute_grads(
-        cfg, x, w, b, u, y, offset, lse, g_lse, g_zy, g_sum if cfg.want_sum else None
-    )
-    return (*_local_cotangents(*grads, x, w, b, u), None, None)
-
-
-_stats.defvjp(_stats_fwd, _stats_bwd)
-
-
-def _combine(cfg: _Config, lse, zy, total, m, best):
-    """Global statistics from the local ones of each vocabulary shard (identity unsharded)."""
-    axis = cfg.axis_name
-    if axis is None:
-        return lse, zy, total, best
-    # logsumexp over shards. The shift is a constant (pmax has no derivative rule, so it
-    # sees no tangent); psum, unlike all_gather, gives a result replicated over the axis.
-    peak = lax.pmax(lax.stop_gradient(lse), axis)
-    lse = peak + jnp.log(lax.psum(jnp.exp(lse - peak), axis))
-    zy = lax.psum(zy, axis)
-    if cfg.want_sum:
-        total = lax.psum(total, axis)
-    if cfg.want_argmax:
-        m = lax.stop_gradient(m)
-        top = lax.pmax(m, axis)
-        best = lax.pmin(jnp.where(m == top, best, jnp.iinfo(jnp.int32).max), axis)
-    else:  # unused, but replicated over the axis like the other outputs (custom_vjp types)
-        best = lax.pmin(best, axis)
-    return lse, zy, total, best
 
 
 # --------------------------------------------------------------- gradient in the forward pass
@@ -285,8 +162,12 @@ def _combination(coef: _Coef, keep, lse, zy, total):
 
 
 def _total_plain(cfg: _Config, x, w, b, u, y, offset, keep, coef: _Coef):
-    lse, zy, total, m, best = _stats_fwd_impl(cfg, x, w, b, u, y, offset)
-    lse, zy, total, best = _combine(cfg, lse, zy, total, m, best)
+    spec = _spec(cfg)
+    u = u if cfg.want_sum else None
+    params = (None,) * len(spec.stats)
+    outputs, _ = _stream.forward(spec, (_stream.Head(x, w, b),), u, y, offset, params)
+    acc = _reduce.compute_dtype(x.dtype, w.dtype)
+    lse, zy, total, best = _statistics(cfg, outputs, x.shape[0], acc)
     return jnp.sum(_combination(coef, keep, lse, zy, total)), lse, best
 
 
@@ -480,7 +361,12 @@ def _total_bwd(cfg, res, cotangents):
     if type(g_lse) is not SymbolicZero:
         # A differentiated aux.lse: its per-token cotangent is only known now, so pay the
         # recompute path's pass for it.
-        extra = _recompute_grads(cfg, x, w, b, u, y, offset, lse, g_lse, None, None)
+        spec = _spec(cfg, (_stream.LogNormaliser(),))
+        head = _stream.Head(x, w, b)
+        d_head, _, _ = _stream.gradients(
+            spec, (head,), None, y, offset, (None,), ((),), (lse,), (g_lse,), localize=False
+        )
+        extra = (d_head[0].x, d_head[0].w, d_head[0].b, None)
         dx, dw, db, du = (
             e if a is None else (a if e is None else a + e)
             for a, e in zip((dx, dw, db, du), extra, strict=True)
@@ -715,19 +601,10 @@ def linear_softmax_cross_entropy(
       Cross-Entropy), 2024; Hsu et al., *Liger Kernel: Efficient Triton Kernels for LLM
       Training*, 2024; Shoeybi et al., *Megatron-LM* (vocab-parallel cross-entropy), 2019.
     """
-    hidden, weight = _vocab.hidden_and_kernel(hidden, "hidden", weight, "weight")
+    hidden, weight, labels, bias, batch = _vocab.labelled_inputs(hidden, weight, labels, bias)
     d_model, local_vocab = weight.shape
-    labels = _checks.as_integer(labels, "labels")
-    batch = hidden.shape[:-1]
-    _checks.same_shape(labels, "labels", batch, f"`hidden` {hidden.shape} without its last axis")
-    bias = _vocab.per_column(bias, "bias", local_vocab)
     class_weights = _vocab.per_column(class_weights, "class_weights", local_vocab)
-    if logit_softcap is not None:
-        if _checks.is_tracer(logit_softcap) or jnp.ndim(logit_softcap) != 0:
-            raise TypeError("`logit_softcap` must be a Python float or None.")
-        logit_softcap = float(logit_softcap)
-        if not logit_softcap > 0:
-            raise ValueError(f"`logit_softcap` must be positive, got {logit_softcap}.")
+    logit_softcap = _vocab.logit_softcap(logit_softcap)
     _checks.reduction(reduction)
     acc = _reduce.compute_dtype(hidden.dtype, weight.dtype)
     eps = _hyperparameter(label_smoothing, "label_smoothing", acc, UNIT_INTERVAL)
@@ -760,9 +637,8 @@ def linear_softmax_cross_entropy(
     )
 
     x = hidden.reshape(num_tokens, d_model)
-    y = safe.reshape(num_tokens).astype(jnp.int32) - offset
-    owned = (y >= 0) & (y < local_vocab)
-    y = jnp.where(owned, y, -1)
+    y = _vocab.local_labels(safe, offset, local_vocab)
+    owned = y >= 0
     if axis_name is not None:
         # hidden is replicated over the vocabulary axis; mark it device-varying so that its
         # cotangent (a partial sum per shard) is summed over the axis by the transpose.
@@ -798,8 +674,7 @@ def linear_softmax_cross_entropy(
             reduction, batch, return_aux,
         )  # fmt: skip
 
-    lse, zy, total, m, best = _stats(cfg, x, weight, bias, class_weights, y, offset)  # type: ignore[misc]
-    lse, zy, total, best = _combine(cfg, lse, zy, total, m, best)
+    lse, zy, total, best = _stats(cfg, x, weight, bias, class_weights, y, offset)
     raw = alpha * lse + beta * zy
     if gamma is not None:
         raw = raw + gamma * total

@@ -2,35 +2,25 @@
 
 A student ``hidden @ weight + bias`` and a teacher ``target_hidden @ target_weight +
 target_bias`` share a vocabulary of ``V`` classes; neither ``(tokens, V)`` logit array is ever
-materialised. Design:
-
-* One ``jax.custom_vjp`` per loss maps the six arrays (plus the temperature, and ``beta``) to
-  the per-token divergence. Its forward walks over blocks of vocabulary columns in a
-  ``lax.scan`` (``_vocab.column_block``: the last block shifted, never shrunk) keeping online
-  per-token statistics in float32; its backward recomputes each block's two logit tiles,
-  writes that block of both ``dweight`` (one GEMM over all tokens each) and accumulates both
-  ``dhidden`` in float32.
-* KL needs one forward pass: the teacher's and the student's log-normalisers and the
-  teacher-weighted logit gap, all online. The Jensen-Shannon divergence needs both normalisers
-  before its mixture exists, so its forward makes a second pass.
-* Vocab-parallel (``axis_name``): the statistics of each shard are combined with collectives
-  on ``(tokens,)`` vectors inside the forward; the backward needs none (the global statistics
-  are its residuals), except a ``psum`` of the scalar cotangents of the temperature and beta.
-* Weights, masks and reductions are the shared ``_reduce`` mechanism on the per-token result.
+materialised. Each loss is one statistic of the two heads on the shared vocabulary-streaming
+engine (``_stream``: ``KLDivergence``, one pass; ``JSDivergence``, two passes, since the
+mixture needs both normalisers), which streams blocks of vocabulary columns with online
+per-token statistics in float32, combines them over ``axis_name`` and recomputes each block's
+two logit tiles in its backward pass. Both divergences are summed termwise (never as the
+difference of two log-normalisers): exactly 0 for a student equal to its teacher, never
+negative. Weights, masks and reductions are the shared ``_reduce`` mechanism on the per-token
+result.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from jaxce import _api, _checks, _reduce, _vocab
+from jaxce import _api, _checks, _reduce, _stream, _vocab
 from jaxce._checks import POSITIVE, UNIT_INTERVAL, Reduction
 
 Array: TypeAlias = jax.Array
@@ -58,313 +48,23 @@ class _Operands(NamedTuple):
     bt: Array | None
 
 
-class _Tile(NamedTuple):
-    zs: Array  # (N, C) student logits of the block, accumulation dtype, before temperature
-    zt: Array  # (N, C) teacher logits
-    ws: Array  # (D, C) the student block of columns
-    wt: Array  # (D_t, C)
-    valid: Array  # (1, C) fresh (not shared with the previous block) and not padding
-    start: Array  # first column of the block
-
-
-def _acc_dtype(ops: _Operands):
-    return _reduce.compute_dtype(ops.x.dtype, ops.w.dtype, ops.xt.dtype, ops.wt.dtype)
-
-
-def _logits(x: Array, w: Array, b: Array | None, acc) -> Array:
-    z = jnp.dot(x, w, preferred_element_type=acc)
-    return z if b is None else z + b.astype(acc)[None, :]
-
-
-def _tile(cfg: _Config, ops: _Operands, i, offset) -> _Tile:
-    acc = _acc_dtype(ops)
-    ws, bs, cols, fresh, start = _vocab.column_block(ops.w, ops.b, i, cfg.chunk)
-    wt, bt, _, _, _ = _vocab.column_block(ops.wt, ops.bt, i, cfg.chunk)
-    valid = fresh & (offset + cols < cfg.limit)
-    return _Tile(
-        _logits(ops.x, ws, bs, acc), _logits(ops.xt, wt, bt, acc), ws, wt, valid[None, :], start
+def _divergence(prep: _Prepared, stat: _stream.Stat, inv_t: Array, param) -> Array:
+    """Per-token ``stat`` of the student (head 0) and the teacher (head 1), both tempered."""
+    cfg, ops = prep.cfg, prep.ops
+    spec = _stream.Spec(
+        stats=(stat,),
+        chunk=cfg.chunk,
+        limit=cfg.limit,
+        axis_name=cfg.axis_name,
+        temperature_grad=True,
+        same_temperature=True,
     )
-
-
-def _scan_tiles(cfg: _Config, ops: _Operands, body, init, *, reverse: bool = False):
-    steps = jnp.arange(_vocab.num_chunks(ops.w.shape[1], cfg.chunk))
-    carry, _ = lax.scan(lambda c, i: (body(c, i), None), init, steps, reverse=reverse)
-    return carry
-
-
-def _rows(ops: _Operands, *refs) -> Array:
-    """A fresh ``(N,)`` zero carry, device-varying like everything the scan body reads."""
-    rows = jnp.zeros((ops.x.shape[0],), _acc_dtype(ops))
-    return _vocab.varying_like(rows, *ops, *refs)
-
-
-class _Online(NamedTuple):
-    """Running log-sum-exp of one side: max ``m`` and ``s = sum exp(z - shift(m))``."""
-
-    m: Array
-    s: Array
-
-    @classmethod
-    def start(cls, rows: Array) -> _Online:
-        # Derived from ``rows`` (not a fresh full) so it keeps their shard_map varying axes.
-        return cls(rows - jnp.inf, rows)
-
-    def update(self, z: Array, valid: Array):
-        """Adds a tile; returns ``(new state, exp(z - shift) on valid columns, rescale)``."""
-        zero = jnp.zeros((), z.dtype)
-        z = jnp.where(valid, z, -jnp.inf)
-        m = jnp.maximum(self.m, jnp.max(z, axis=1))
-        shift = jnp.where(jnp.isfinite(m), m, zero)
-        rescale = jnp.exp(self.m - shift)
-        e = jnp.exp(z - shift[:, None])
-        return _Online(m, self.s * rescale + jnp.sum(e, axis=1)), e, rescale
-
-    def lse(self) -> Array:
-        """``-inf`` for a row with no valid column (a shard that is all padding)."""
-        shift = jnp.where(jnp.isfinite(self.m), self.m, jnp.zeros((), self.m.dtype))
-        return shift + jnp.log(self.s)
-
-
-def _global_lse(lse: Array, axis_name: str | None) -> Array:
-    """Log-sum-exp over vocabulary shards of the per-shard log-normalisers ``lse``."""
-    if axis_name is None:
-        return lse
-    peak = lax.pmax(lse, axis_name)
-    peak = jnp.where(jnp.isfinite(peak), peak, jnp.zeros((), peak.dtype))
-    return peak + jnp.log(lax.psum(jnp.exp(lse - peak), axis_name))
-
-
-def _psum(x: Array, axis_name: str | None) -> Array:
-    return x if axis_name is None else lax.psum(x, axis_name)
-
-
-def _no_normaliser(lse_s: Array, lse_t: Array, value: Array) -> Array:
-    """NaN where a side has no probability at all (every logit ``-inf``), as in the core."""
-    undefined = (lse_s == -jnp.inf) | (lse_t == -jnp.inf)
-    return jnp.where(undefined, jnp.full((), jnp.nan, value.dtype), value)
-
-
-def _xlogy_free(w: Array, log_ratio: Array) -> Array:
-    """``w * log_ratio`` with ``0 * anything = 0`` (a NaN weight stays NaN)."""
-    return jnp.where(w == 0, jnp.zeros((), w.dtype), w * log_ratio)
-
-
-# --------------------------------------------------------------------------------------------
-# Backward shared by both losses: recompute the tiles, turn the logit gradients into parameter
-# gradients.
-
-
-def _backward(cfg: _Config, ops: _Operands, inv_t, offset, logit_grads: Callable, refs):
-    """Cotangents of ``ops`` and ``inv_t`` (and one scalar ``extra``) from per-tile gradients.
-
-    ``logit_grads(a, c, valid) -> (ga, gc, extra)`` gives the gradients with respect to the
-    tempered logits ``a = zs / T`` and ``c = zt / T`` of one tile (zero off ``valid``) and a
-    scalar contribution to the cotangent of another hyperparameter.
-    """
-    acc = _acc_dtype(ops)
-    op_s = jnp.result_type(ops.x.dtype, ops.w.dtype)
-    op_t = jnp.result_type(ops.xt.dtype, ops.wt.dtype)
-    scalar = jnp.zeros((), acc)
-
-    def body(carry, i):
-        dx, dxt, dw, dwt, db, dbt, d_inv, d_extra = carry
-        tile = _tile(cfg, ops, i, offset)
-        ga, gc, extra = logit_grads(inv_t * tile.zs, inv_t * tile.zt, tile.valid)
-        d_inv = d_inv + jnp.sum(ga * tile.zs) + jnp.sum(gc * tile.zt)
-        dzs, dzt = inv_t * ga, inv_t * gc
-        dx, dw, db = _block_grads(ops.x, tile.ws, dzs, op_s, acc, dx, dw, db, tile.start)
-        dxt, dwt, dbt = _block_grads(ops.xt, tile.wt, dzt, op_t, acc, dxt, dwt, dbt, tile.start)
-        return dx, dxt, dw, dwt, db, dbt, d_inv, d_extra + extra
-
-    init = (
-        jnp.zeros(ops.x.shape, acc),
-        jnp.zeros(ops.xt.shape, acc),
-        jnp.zeros(ops.w.shape, ops.w.dtype),
-        jnp.zeros(ops.wt.shape, ops.wt.dtype),
-        None if ops.b is None else jnp.zeros(ops.b.shape, ops.b.dtype),
-        None if ops.bt is None else jnp.zeros(ops.bt.shape, ops.bt.dtype),
-        scalar,
-        scalar,
+    heads = (
+        _stream.Head(ops.x, ops.w, ops.b, inv_t),
+        _stream.Head(ops.xt, ops.wt, ops.bt, inv_t),
     )
-    init = _vocab.varying_like(init, *ops, inv_t, offset, *refs)
-    # Reverse order: the shifted last block writes zeros over the columns it shares with the
-    # previous block, which then overwrites them with their true gradient.
-    dx, dxt, dw, dwt, db, dbt, d_inv, d_extra = _scan_tiles(cfg, ops, body, init, reverse=True)
-
-    # Inside shard_map a cotangent may vary over mesh axes its primal does not (dW sums over
-    # token shards, the scalars over every shard): sum it there, as the transpose of pcast.
-    def total(ct: Array, ref: Array) -> Array:
-        return _vocab.sum_over_extra_axes(ct, ref)
-
-    cts = _Operands(
-        x=total(dx, ops.x).astype(ops.x.dtype),
-        w=total(dw, ops.w),
-        b=None if ops.b is None else total(db, ops.b),
-        xt=total(dxt, ops.xt).astype(ops.xt.dtype),
-        wt=total(dwt, ops.wt),
-        bt=None if ops.bt is None else total(dbt, ops.bt),
-    )
-    return cts, d_inv, d_extra
-
-
-def _block_grads(x, wc, dz, operand, acc, dx, dw, db, start):
-    """Adds one block's contribution: ``dx += dz W_c^T``, writes ``x^T dz`` and ``sum dz``."""
-    dzc = dz.astype(operand)
-    dx = dx + jnp.dot(dzc, wc.T, preferred_element_type=acc)
-    dwc = jnp.dot(x.T, dzc, preferred_element_type=acc)
-    dw = lax.dynamic_update_slice_in_dim(dw, dwc.astype(dw.dtype), start, axis=1)
-    if db is not None:
-        db = lax.dynamic_update_slice_in_dim(db, jnp.sum(dz, axis=0).astype(db.dtype), start, 0)
-    return dx, dw, db
-
-
-# --------------------------------------------------------------------------------------------
-# KL: one pass. With a = zs / T, c = zt / T, q = softmax(c), p = softmax(a):
-#   KL(q || p) = gap + lse(a) - lse(c),  gap = sum_v q_v (c_v - a_v),
-# and the gradients d/da_v = p_v - q_v, d/dc_v = q_v (c_v - a_v - gap).
-
-
-def _kl_forward(cfg: _Config, ops: _Operands, inv_t, offset):
-    rows = _rows(ops, inv_t, offset)
-
-    def body(carry, i):
-        student, teacher, gap_sum = carry
-        tile = _tile(cfg, ops, i, offset)
-        a, c = inv_t * tile.zs, inv_t * tile.zt
-        student, _, _ = student.update(a, tile.valid)
-        teacher, e, rescale = teacher.update(c, tile.valid)
-        gap_sum = gap_sum * rescale + jnp.sum(_xlogy_free(e, c - a), axis=1)
-        return student, teacher, gap_sum
-
-    init = (_Online.start(rows), _Online.start(rows), rows)
-    student, teacher, gap_sum = _scan_tiles(cfg, ops, body, init)
-    lse_s_local, lse_t_local = student.lse(), teacher.lse()
-    gap = gap_sum / teacher.s  # the teacher expectation over this shard's columns
-    lse_s = _global_lse(lse_s_local, cfg.axis_name)
-    lse_t = _global_lse(lse_t_local, cfg.axis_name)
-    if cfg.axis_name is not None:
-        share = jnp.exp(lse_t_local - lse_t)  # the teacher mass on this shard
-        empty = lse_t_local == -jnp.inf  # an all-padding shard: gap is 0 / 0 there
-        gap = lax.psum(jnp.where(empty, jnp.zeros((), gap.dtype), share * gap), cfg.axis_name)
-    kl = _no_normaliser(lse_s, lse_t, gap + (lse_s - lse_t))
-    return kl, (lse_s, lse_t, gap)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _kl(cfg: _Config, ops: _Operands, inv_t, offset):
-    """Per-token ``KL(softmax(c) || softmax(a))``, ``a = inv_t * zs``, ``c = inv_t * zt``."""
-    return _kl_forward(cfg, ops, inv_t, offset)[0]
-
-
-def _kl_fwd(cfg, ops, inv_t, offset):
-    kl, stats = _kl_forward(cfg, ops, inv_t, offset)
-    return kl, (ops, inv_t, offset, stats)
-
-
-def _kl_bwd(cfg, res, g):
-    ops, inv_t, offset, (lse_s, lse_t, gap) = res
-    zero = jnp.zeros((), lse_s.dtype)
-
-    def logit_grads(a, c, valid):
-        p = jnp.where(valid, jnp.exp(a - lse_s[:, None]), zero)
-        q = jnp.where(valid, jnp.exp(c - lse_t[:, None]), zero)
-        row = g[:, None]
-        return row * (p - q), row * _xlogy_free(q, c - a - gap[:, None]), zero
-
-    refs = (lse_s, lse_t, gap, g)
-    cts, d_inv, _ = _backward(cfg, ops, inv_t, offset, logit_grads, refs)
-    return cts, _vocab.sum_over_extra_axes(d_inv, inv_t), None
-
-
-_kl.defvjp(_kl_fwd, _kl_bwd)
-
-
-# --------------------------------------------------------------------------------------------
-# Jensen-Shannon: two passes (the mixture needs both normalisers). With P = softmax(a),
-# Q = softmax(c), M = beta P + (1 - beta) Q, the per-token sums
-#   jp = sum_v beta P_v (log P_v - log M_v),  jq = sum_v (1 - beta) Q_v (log Q_v - log M_v)
-# give JS = jp + jq, d/da_v = beta P_v (log P_v - log M_v) - P_v jp (and likewise for c), and
-# dJS/dbeta = KL(P || M) - KL(Q || M).
-
-
-class _Mixture(NamedTuple):
-    beta: Array
-    log_beta: Array
-    log_rest: Array
-
-    @classmethod
-    def of(cls, beta: Array) -> _Mixture:
-        return cls(beta, jnp.log(beta), jnp.log1p(-beta))
-
-    def terms(self, a, c, valid, lse_s, lse_t):
-        """``(P, Q, log P - log M, log Q - log M, beta-weighted terms of jp, of jq)``."""
-        lp = jnp.where(valid, a - lse_s[:, None], -jnp.inf)
-        lq = jnp.where(valid, c - lse_t[:, None], -jnp.inf)
-        lm = jnp.logaddexp(self.log_beta + lp, self.log_rest + lq)
-        p, q = jnp.exp(lp), jnp.exp(lq)
-        rp, rq = lp - lm, lq - lm  # NaN only where the weight below is 0
-        return p, q, rp, rq, _xlogy_free(self.beta * p, rp), _xlogy_free((1 - self.beta) * q, rq)
-
-
-def _js_forward(cfg: _Config, ops: _Operands, inv_t, beta, offset):
-    rows = _rows(ops, inv_t, beta, offset)
-
-    def normalisers(carry, i):
-        student, teacher = carry
-        tile = _tile(cfg, ops, i, offset)
-        student, _, _ = student.update(inv_t * tile.zs, tile.valid)
-        teacher, _, _ = teacher.update(inv_t * tile.zt, tile.valid)
-        return student, teacher
-
-    student, teacher = _scan_tiles(
-        cfg, ops, normalisers, (_Online.start(rows), _Online.start(rows))
-    )
-    lse_s = _global_lse(student.lse(), cfg.axis_name)
-    lse_t = _global_lse(teacher.lse(), cfg.axis_name)
-    mixture = _Mixture.of(beta)
-
-    def divergence(carry, i):
-        jp, jq = carry
-        tile = _tile(cfg, ops, i, offset)
-        terms = mixture.terms(inv_t * tile.zs, inv_t * tile.zt, tile.valid, lse_s, lse_t)
-        return jp + jnp.sum(terms[4], axis=1), jq + jnp.sum(terms[5], axis=1)
-
-    rows = _rows(ops, inv_t, beta, offset, lse_s, lse_t)
-    jp, jq = _scan_tiles(cfg, ops, divergence, (rows, rows))
-    jp, jq = _psum(jp, cfg.axis_name), _psum(jq, cfg.axis_name)
-    return _no_normaliser(lse_s, lse_t, jp + jq), (lse_s, lse_t, jp, jq)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _js(cfg: _Config, ops: _Operands, inv_t, beta, offset):
-    """Per-token ``JS_beta(softmax(a), softmax(c))``, ``a = inv_t * zs``, ``c = inv_t * zt``."""
-    return _js_forward(cfg, ops, inv_t, beta, offset)[0]
-
-
-def _js_fwd(cfg, ops, inv_t, beta, offset):
-    js, stats = _js_forward(cfg, ops, inv_t, beta, offset)
-    return js, (ops, inv_t, beta, offset, stats)
-
-
-def _js_bwd(cfg, res, g):
-    ops, inv_t, beta, offset, (lse_s, lse_t, jp, jq) = res
-    mixture = _Mixture.of(beta)
-
-    def logit_grads(a, c, valid):
-        p, q, rp, rq, tp, tq = mixture.terms(a, c, valid, lse_s, lse_t)
-        row = g[:, None]
-        ga = row * (tp - p * jp[:, None])
-        gc = row * (tq - q * jq[:, None])
-        d_beta = jnp.sum(row * (_xlogy_free(p, rp) - _xlogy_free(q, rq)))
-        return ga, gc, d_beta
-
-    refs = (beta, lse_s, lse_t, jp, jq, g)
-    cts, d_inv, d_beta = _backward(cfg, ops, inv_t, offset, logit_grads, refs)
-    d_inv = _vocab.sum_over_extra_axes(d_inv, inv_t)
-    return cts, d_inv, _vocab.sum_over_extra_axes(d_beta, beta), None
-
-
-_js.defvjp(_js_fwd, _js_bwd)
+    (value,) = _stream.stream(spec, heads, None, None, prep.offset, (param,))  # type: ignore[misc]
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,7 +289,7 @@ def linear_softmax_kl_divergence(
         vocab_size,
     )
     t = _checks.nan_outside_domain(temperature, "temperature", prep.acc, POSITIVE)
-    kl: Array = _kl(prep.cfg, prep.ops, 1 / t, prep.offset)  # type: ignore[assignment]
+    kl = _divergence(prep, _stream.KLDivergence(), 1 / t, None)
     return _reduce.weigh_and_reduce(jnp.square(t) * kl.reshape(prep.batch), prep.weights, reduction)
 
 
@@ -702,5 +402,5 @@ def linear_js_divergence(
     )
     t = _checks.nan_outside_domain(temperature, "temperature", prep.acc, POSITIVE)
     b = _checks.nan_outside_domain(beta, "beta", prep.acc, UNIT_INTERVAL)
-    js: Array = _js(prep.cfg, prep.ops, 1 / t, b, prep.offset)  # type: ignore[assignment]
+    js = _divergence(prep, _stream.JSDivergence(), 1 / t, b)
     return _reduce.weigh_and_reduce(js.reshape(prep.batch), prep.weights, reduction)

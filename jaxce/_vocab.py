@@ -193,3 +193,33 @@ def chunk_size(value) -> int | None:
     if not _checks.is_int(value) or value < 1:
         raise ValueError(f"`chunk_size` must be a positive int or None, got {value!r}.")
     return int(value)
+
+
+def logit_softcap(value) -> float | None:
+    """A static ``logit_softcap``: a positive Python float, or ``None`` for no cap."""
+    if value is None:
+        return None
+    if _checks.is_tracer(value) or jnp.ndim(value) != 0:
+        raise TypeError("`logit_softcap` must be a Python float or None.")
+    value = float(value)
+    if not value > 0:
+        raise ValueError(f"`logit_softcap` must be positive, got {value}.")
+    return value
+
+
+def labelled_inputs(hidden, weight, labels, bias):
+    """``(hidden, weight, labels, bias, batch)`` of a loss with integer labels, checked:
+    ``hidden (..., D)``, ``weight (D, V)``, ``labels`` of shape ``hidden.shape[:-1]``,
+    an optional ``bias (V,)``.
+    """
+    hidden, weight = hidden_and_kernel(hidden, "hidden", weight, "weight")
+    labels = _checks.as_integer(labels, "labels")
+    batch = hidden.shape[:-1]
+    _checks.same_shape(labels, "labels", batch, f"`hidden` {hidden.shape} without its last axis")
+    return hidden, weight, labels, per_column(bias, "bias", weight.shape[1]), batch
+
+
+def local_labels(safe_labels: Array, offset, local_vocab: int) -> Array:
+    """Flat int32 local column ids of global labels, ``-1`` where not in this shard."""
+    y = safe_labels.reshape(-1).astype(jnp.int32) - offset
+    return jnp.where((y >= 0) & (y < local_vocab), y, -1)

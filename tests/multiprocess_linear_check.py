@@ -1,4 +1,5 @@
-"""One process of a two-process, vocab-parallel ``linear_softmax_cross_entropy`` run.
+"""One process of a two-process, vocab-parallel ``linear_softmax_cross_entropy`` and
+``linear_log_probs`` run.
 
 ``tests/test_linear_multiprocess.py`` starts two of these on localhost::
 
@@ -7,7 +8,8 @@
 
 Each joins JAX's distributed runtime (``jax.distributed.initialize``, CPU collectives through
 gloo), builds one global ``(data, vocab)`` mesh over the 2 x 2 devices, places its part of the
-global arrays, runs the vocab-parallel loss and its gradients under ``jit`` and checks every
+global arrays, runs the vocab-parallel loss (and ``sum(a * log_probs + c * entropy)`` of the fused
+log-probabilities) and its gradients under ``jit`` and checks every
 shard it holds against the single-process unsharded result computed on its own local device.
 Prints ``ok <process_id>`` on success.
 """
@@ -51,6 +53,48 @@ def loss_of(axis_name=None):
     return loss
 
 
+def log_probs_of(axis_name=None):
+    def loss(h, w, b, y, t, a):
+        lp, ent = jaxce.linear_log_probs(
+            h, w, y, bias=b, temperature=t, logit_softcap=3.0, ignore_index=-100,
+            axis_name=axis_name, chunk_size=16, return_entropy=True,
+        )  # fmt: skip
+        total = jax.numpy.sum(a * lp + 0.5 * ent)
+        return total if axis_name is None else jax.lax.psum(total, "data")
+
+    return loss
+
+
+def check(mesh, make_loss, arrays, specs, names) -> None:
+    """The loss and its gradients w.r.t. ``names`` on the global mesh equal the local ones."""
+    argnums = tuple(range(len(names)))
+    local = jax.local_devices()[0]
+    reference = jax.jit(jax.value_and_grad(make_loss(), argnums=argnums))(
+        *(jax.device_put(a, local) for a in arrays)
+    )
+    value_want, grads_want = jax.tree.map(np.asarray, reference)
+
+    def global_array(a, spec):
+        sharding = jax.NamedSharding(mesh, spec)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    args = [global_array(a, s) for a, s in zip(arrays, specs, strict=True)]
+    sharded = functools.partial(jax.shard_map, mesh=mesh, in_specs=specs, out_specs=P())(
+        make_loss("vocab")
+    )
+    value, grads = jax.jit(jax.value_and_grad(sharded, argnums=argnums))(*args)
+
+    tol = {"rtol": 1e-5, "atol": 1e-6}
+    for shard in value.addressable_shards:
+        np.testing.assert_allclose(np.asarray(shard.data), value_want, **tol)
+    for name, got, want in zip(names, grads, grads_want, strict=True):
+        assert got.shape == want.shape, (name, got.shape)
+        for shard in got.addressable_shards:
+            np.testing.assert_allclose(
+                np.asarray(shard.data), want[shard.index], err_msg=name, **tol
+            )
+
+
 def main(process_id: int, num_processes: int, port: int) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
@@ -60,38 +104,20 @@ def main(process_id: int, num_processes: int, port: int) -> None:
         initialization_timeout=30,
     )
     assert jax.process_count() == num_processes and len(jax.devices()) == 2 * num_processes
-    arrays = data()
-
-    local = jax.local_devices()[0]
-    reference = jax.jit(jax.value_and_grad(loss_of(), argnums=(0, 1, 2, 3)))(
-        *(jax.device_put(a, local) for a in arrays)
-    )
-    value_want, grads_want = jax.tree.map(np.asarray, reference)
-
+    h, w, b, cw, y = data()
+    t = np.linspace(0.5, 2.0, N).astype(np.float32)
+    a = np.cos(np.arange(N)).astype(np.float32)  # a cotangent per token
     mesh = jax.make_mesh((num_processes, 2), ("data", "vocab"))
-    specs = (P("data", None), P(None, "vocab"), P("vocab"), P("vocab"), P("data"))
-
-    def global_array(a, spec):
-        sharding = jax.NamedSharding(mesh, spec)
-        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-
-    args = [global_array(a, s) for a, s in zip(arrays, specs, strict=True)]
-    sharded = functools.partial(jax.shard_map, mesh=mesh, in_specs=specs, out_specs=P())(
-        loss_of("vocab")
-    )
-    value, grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2, 3)))(*args)
-
-    tol = {"rtol": 1e-5, "atol": 1e-6}
-    for shard in value.addressable_shards:
-        np.testing.assert_allclose(np.asarray(shard.data), value_want, **tol)
-    for name, got, want in zip(
-        ("hidden", "weight", "bias", "class_weights"), grads, grads_want, strict=True
-    ):
-        assert got.shape == want.shape, (name, got.shape)
-        for shard in got.addressable_shards:
-            np.testing.assert_allclose(
-                np.asarray(shard.data), want[shard.index], err_msg=name, **tol
-            )
+    check(
+        mesh, loss_of, (h, w, b, cw, y),
+        (P("data", None), P(None, "vocab"), P("vocab"), P("vocab"), P("data")),
+        ("hidden", "weight", "bias", "class_weights"),
+    )  # fmt: skip
+    check(
+        mesh, log_probs_of, (h, w, b, y, t, a),
+        (P("data", None), P(None, "vocab"), P("vocab"), P("data"), P("data"), P("data")),
+        ("hidden", "weight", "bias"),
+    )  # fmt: skip
     print("ok", process_id, flush=True)
     jax.distributed.shutdown()
 

@@ -1,0 +1,705 @@
+"""The vocabulary-streaming engine of the fused losses: per-token statistics of logit heads.
+
+A *head* is the logits ``z = cap(x @ w + b) * inv_t`` of ``(N, D)`` hidden states against a
+``(D, V)`` kernel (the local shard under ``axis_name``), never materialised: the engine walks
+over blocks of ``chunk`` columns with ``lax.scan`` (``_vocab.column_block``: the last block is
+shifted, never shrunk or padded), the padding columns past ``limit`` masked out. One or two
+heads share the blocks (a student and a teacher).
+
+What a loss asks for is a tuple of *statistics* (``Stat`` subclasses below), each a per-token
+quantity with four parts in one place:
+
+* ``update``: its share of one column block, in the first pass (online, next to each head's
+  running log-sum-exp) or, for ``second_pass`` statistics, in a second pass that sees the
+  heads' global log-normalisers;
+* ``finish``: the per-token value from the scan's carry, combined over the vocab-parallel
+  mesh axis (``psum``/``pmax``; collectives only for what was asked for);
+* ``grads``: the gradient of the statistic with respect to each head's logits on one block,
+  from the per-token cotangent (the per-element rule);
+* optional residuals for that rule.
+
+``stream`` is the ``jax.custom_vjp`` over all of it: its backward recomputes each block's
+logits once, sums the statistics' per-element rules (a statistic with a symbolic-zero
+cotangent costs nothing), chains the sum through the temperature and the soft cap, and writes
+that block of ``dw``/``db`` (one matmul over all tokens) and accumulates ``dx`` in the
+accumulation dtype. A new fused statistic is one new ``Stat`` subclass.
+
+Numerics: every state is kept in the accumulation dtype (float32 for half precision inputs),
+the running maximum starts at ``-inf``, and a token with no real column in a shard (an
+all-padding shard) contributes nothing when the shards are combined.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, ClassVar, NamedTuple, TypeAlias
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+from jaxce import _reduce, _vocab
+
+Array: TypeAlias = jax.Array
+
+
+class Head(NamedTuple):
+    """One logit head ``cap(x @ w + b) * inv_t``."""
+
+    x: Array  # (N, D) hidden states
+    w: Array  # (D, V) kernel (local shard under axis_name)
+    b: Array | None = None  # (V,)
+    inv_t: Array | None = None  # () or (N,) inverse temperature, applied after the cap
+
+
+class Spec(NamedTuple):
+    """The static part of a ``stream`` call."""
+
+    stats: tuple[Stat, ...]
+    chunk: int  # columns per block (<= the local vocabulary)
+    limit: int  # global number of real classes; columns at or past it are padding
+    axis_name: str | None = None  # vocab-parallel mesh axis
+    softcap: float | None = None  # s in s * tanh(z / s), on every head
+    temperature_grad: bool = False  # give ``inv_t`` a cotangent
+    same_temperature: bool = False  # two heads whose ``inv_t`` are the same value
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def cap(softcap: float | None, z: Array) -> Array:
+    return z if softcap is None else softcap * jnp.tanh(z / softcap)
+
+
+def cap_slope(softcap: float | None, capped: Array) -> Array | float:
+    """``d cap(u) / du`` at the capped value: ``1 - (capped / s)**2``."""
+    if softcap is None:
+        return 1.0
+    t = capped / softcap
+    return 1 - t * t
+
+
+def acc_dtype(heads) -> Any:
+    return _reduce.compute_dtype(*(a.dtype for h in heads for a in (h.x, h.w)))
+
+
+def finite_or_zero(m: Array) -> Array:
+    return jnp.where(jnp.isfinite(m), m, jnp.zeros((), m.dtype))
+
+
+def weighted(w: Array, v: Array) -> Array:
+    """``w * v`` with ``0 * anything = 0`` (a NaN weight stays NaN)."""
+    return jnp.where(w == 0, jnp.zeros((), w.dtype), w * v)
+
+
+def _per_row(inv_t: Array) -> Array:
+    return inv_t[:, None] if jnp.ndim(inv_t) == 1 else inv_t
+
+
+def _psum(x, axis_name):
+    return x if axis_name is None else lax.psum(x, axis_name)
+
+
+class Block(NamedTuple):
+    """One block of columns of every head."""
+
+    z: tuple[Array, ...]  # (N, C) tempered logits per head, accumulation dtype
+    capped: tuple[Array, ...]  # (N, C) the capped logits before the temperature
+    w: tuple[Array, ...]  # (D, C) the kernels' column blocks
+    cols: Array  # (C,) local column ids
+    valid: Array  # (1, C) fresh (not shared with the previous block) and not padding
+    start: Array  # first local column of the block
+    u: Any  # (C,) block of the per-column weights, or None
+    gap: Any  # (N, C) z of head 1 minus z of head 0 (two heads), else None
+
+
+def block(spec: Spec, heads, u, i, offset) -> Block:
+    acc = acc_dtype(heads)
+    raw, ws, bs = [], [], []
+    cols = fresh = start = None
+    for h in heads:
+        wc, bc, cols, fresh, start = _vocab.column_block(h.w, h.b, i, spec.chunk)
+        ws.append(wc)
+        bs.append(bc)
+    raw = [jnp.dot(h.x, wc, preferred_element_type=acc) for h, wc in zip(heads, ws, strict=True)]
+    zs, caps = [], []
+    for h, z, bc in zip(heads, raw, bs, strict=True):
+        if bc is not None:
+            z = z + bc.astype(acc)[None, :]
+        c = cap(spec.softcap, z)
+        caps.append(c)
+        zs.append(c if h.inv_t is None else c * _per_row(h.inv_t).astype(acc))
+    assert cols is not None and fresh is not None and start is not None
+    valid = fresh & (offset + cols < spec.limit)
+    ub = None if u is None else lax.dynamic_slice_in_dim(u, start, spec.chunk).astype(acc)
+    gap = None
+    if len(heads) == 2:
+        # c - a from the logits before a shared temperature: equal heads give exactly 0 (the
+        # difference of the tempered logits may be contracted into an FMA that does not).
+        inv_t = heads[0].inv_t
+        if spec.same_temperature and inv_t is not None:
+            gap = (caps[1] - caps[0]) * _per_row(inv_t).astype(acc)
+        else:
+            gap = zs[1] - zs[0]
+    return Block(tuple(zs), tuple(caps), tuple(ws), cols, valid[None, :], start, ub, gap)
+
+
+class Online(NamedTuple):
+    """Running log-sum-exp of one head: max ``m`` and ``s = sum exp(z - shift(m))``."""
+
+    m: Array
+    s: Array
+
+    def lse(self) -> Array:
+        """``-inf`` for a row with no real column (a shard that is all padding)."""
+        return finite_or_zero(self.m) + jnp.log(self.s)
+
+
+class Step(NamedTuple):
+    """One head's online update over a block."""
+
+    old: Online
+    new: Online
+    tile_max: Array  # (N,) max over the block's real columns
+    shift: Array  # (N,) finite shift of the new state
+    rescale: Array  # (N,) exp(old.m - shift): multiplies sums kept against the old shift
+    e: Array  # (N, C) exp(z - shift) on the real columns, 0 elsewhere
+
+
+def online_step(state: Online, z: Array, valid: Array) -> Step:
+    zm = jnp.where(valid, z, -jnp.inf)
+    tile_max = jnp.max(zm, axis=1)
+    m = jnp.maximum(state.m, tile_max)
+    shift = finite_or_zero(m)
+    rescale = jnp.exp(state.m - shift)
+    e = jnp.exp(zm - shift[:, None])
+    return Step(
+        state, Online(m, state.s * rescale + jnp.sum(e, axis=1)), tile_max, shift, rescale, e
+    )
+
+
+class Fwd(NamedTuple):
+    """What a statistic's ``update`` sees of one block."""
+
+    block: Block
+    steps: Any  # tuple[Step, ...] per head, first pass only (else None)
+    lse: Any  # tuple of global log-normalisers per head, second pass only (else None)
+    y: Any  # (N,) local label column ids, -1 where not in this shard
+    offset: Array  # global id of local column 0
+    param: Any  # the statistic's traced parameter (or None)
+    first: Any  # the statistic's first-pass value (second pass only)
+
+
+class Final(NamedTuple):
+    """What a statistic's ``finish`` sees."""
+
+    state: tuple[Online, ...]  # per head, local
+    lse_local: tuple[Array, ...]
+    lse: tuple[Array, ...]  # global
+    axis_name: str | None
+    param: Any
+    first: Any
+
+
+class Bwd(NamedTuple):
+    """What a statistic's ``grads`` sees of one block in the backward pass."""
+
+    block: Block
+    p: Any  # tuple[Array | None, ...]: softmax of each head on the block (0 off the real columns)
+    lse: tuple[Array, ...]
+    y: Any
+    param: Any
+
+
+# --------------------------------------------------------------------------------- statistics
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+    """A per-token statistic of the heads (see the module docstring). Hashable (static)."""
+
+    second_pass: ClassVar[bool] = False
+    differentiable: ClassVar[bool] = True
+    uses_p: ClassVar[tuple[int, ...]] = ()  # heads whose softmax ``grads`` reads
+
+    def init(self, rows: Array) -> Any:
+        return rows
+
+    def update(self, carry, t: Fwd):  # pragma: no cover - every statistic defines it
+        raise NotImplementedError
+
+    def finish(self, carry, f: Final) -> tuple[Array, Any]:
+        """``(output, residual)``: the value returned and what ``grads`` needs of it."""
+        value = _psum(carry, f.axis_name)
+        return value, value
+
+    def grads(self, g: Array, residual, t: Bwd) -> tuple[tuple[Array | None, ...], Any, Any]:
+        """``(d output / d z per head (None: zero), d param summed over the block, d u)``."""
+        raise NotImplementedError  # pragma: no cover
+
+
+@dataclasses.dataclass(frozen=True)
+class LogNormaliser(Stat):
+    """``logsumexp_v z_v`` of a head (over the real columns, all shards)."""
+
+    head: int = 0
+
+    @property
+    def uses_p(self):  # type: ignore[override]
+        return (self.head,)
+
+    def init(self, rows):
+        return ()
+
+    def update(self, carry, t):
+        return carry
+
+    def finish(self, carry, f):
+        return f.lse[self.head], ()
+
+    def grads(self, g, residual, t):
+        return _only(self.head, g[:, None] * t.p[self.head]), None, None
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelLogit(Stat):
+    """``z_y`` of head 0 at the label (0 for a label outside this shard)."""
+
+    def update(self, carry, t):
+        hit = t.block.valid & (t.block.cols[None, :] == t.y[:, None])
+        zero = jnp.zeros((), carry.dtype)
+        return carry + jnp.sum(jnp.where(hit, t.block.z[0], zero), axis=1)
+
+    def grads(self, g, residual, t):
+        hit = t.block.valid & (t.block.cols[None, :] == t.y[:, None])
+        return (jnp.where(hit, g[:, None], jnp.zeros((), g.dtype)),), None, None
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnSum(Stat):
+    """``sum_v u_v z_v`` of head 0 over the real columns (``u`` the per-column weights, or 1)."""
+
+    def update(self, carry, t):
+        z = t.block.z[0]
+        zu = z if t.block.u is None else z * t.block.u[None, :]
+        return carry + jnp.sum(jnp.where(t.block.valid, zu, jnp.zeros((), z.dtype)), axis=1)
+
+    def grads(self, g, residual, t):
+        zero = jnp.zeros((), g.dtype)
+        u = 1.0 if t.block.u is None else t.block.u[None, :]
+        dz = jnp.where(t.block.valid, g[:, None] * u, zero)
+        du = None
+        if t.block.u is not None:
+            du = jnp.dot(g, jnp.where(t.block.valid, t.block.z[0], zero))
+        return (dz,), None, du
+
+
+@dataclasses.dataclass(frozen=True)
+class Argmax(Stat):
+    """int32 global id of head 0's largest real logit, ties to the smallest id; no gradient."""
+
+    differentiable: ClassVar[bool] = False
+
+    def init(self, rows):
+        return rows.astype(jnp.int32)
+
+    def update(self, carry, t):
+        step = t.steps[0]  # type: ignore[index]
+        zm = jnp.where(t.block.valid, t.block.z[0], -jnp.inf)
+        arg = t.offset + t.block.start + jnp.argmax(zm, axis=1).astype(jnp.int32)
+        # Strictly greater: on ties the earlier block, i.e. the smaller id, wins.
+        return jnp.where(step.tile_max > step.old.m, arg, carry)
+
+    def finish(self, carry, f):
+        if f.axis_name is None:
+            return carry, ()
+        m = lax.stop_gradient(f.state[0].m)
+        top = lax.pmax(m, f.axis_name)
+        none = jnp.iinfo(jnp.int32).max
+        return lax.pmin(jnp.where(m == top, carry, none), f.axis_name), ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Entropy(Stat):
+    """``H = -sum_v p_v log p_v`` of a head's softmax ``p``.
+
+    Kept as ``H = log s + U / s`` with ``U = sum_v e^(z_v - m) (m - z_v)`` against the running
+    maximum ``m`` (both terms non-negative, no cancellation between ``lse`` and ``E_p z``);
+    when ``m`` rises to ``m'``, ``U' = e^(m - m') (U + (m' - m) s)``.
+    ``dH / dz_v = p_v ((lse - z_v) - H)``.
+    """
+
+    head: int = 0
+
+    @property
+    def uses_p(self):  # type: ignore[override]
+        return (self.head,)
+
+    def update(self, carry, t):
+        step = t.steps[self.head]  # type: ignore[index]
+        z = t.block.z[self.head]
+        zero = jnp.zeros((), z.dtype)
+        gap = step.shift - finite_or_zero(step.old.m)
+        carry = step.rescale * (carry + gap * step.old.s)
+        below = jnp.where(t.block.valid, step.shift[:, None] - z, zero)
+        return carry + jnp.sum(step.e * below, axis=1)
+
+    def finish(self, carry, f):
+        state = f.state[self.head]
+        local = jnp.log(state.s) + carry / state.s
+        if f.axis_name is None:
+            return local, local
+        # H = sum over shards of their mass times (lse - lse_shard + H_shard): no cancellation.
+        lse_local, lse = f.lse_local[self.head], f.lse[self.head]
+        share = jnp.exp(lse_local - lse)
+        part = share * ((lse - lse_local) + local)
+        empty = lse_local == -jnp.inf
+        h = lax.psum(jnp.where(empty, jnp.zeros((), part.dtype), part), f.axis_name)
+        return h, h
+
+    def grads(self, g, h, t):
+        k = self.head
+        z, p = t.block.z[k], t.p[k]
+        zero = jnp.zeros((), z.dtype)
+        inner = jnp.where(t.block.valid, (t.lse[k][:, None] - z) - h[:, None], zero)
+        return _only(k, g[:, None] * p * inner), None, None
+
+
+def _log_ratio_update(carry, t: Fwd):
+    """Online ``sum_v e^(a_v - m_a) expm1(c_v - a_v)`` against the student's (head 0) shift."""
+    step = t.steps[0]  # type: ignore[index]
+    return step.rescale * carry + jnp.sum(weighted(step.e, jnp.expm1(t.block.gap)), axis=1)
+
+
+def _log_ratio_finish(carry, f: Final) -> Array:
+    """``lse_c - lse_a = log E_p[e^(c - a)] = log1p(E_p[expm1(c - a)])``, accurately.
+
+    Accurate when ``c`` is close to ``a`` (exactly 0 when they are equal), unlike the
+    difference of the two log-normalisers.
+    """
+    mean = carry / f.state[0].s
+    if f.axis_name is not None:
+        share = jnp.exp(f.lse_local[0] - f.lse[0])  # the student's mass on this shard
+        empty = f.lse_local[0] == -jnp.inf
+        mean = lax.psum(jnp.where(empty, jnp.zeros((), mean.dtype), share * mean), f.axis_name)
+    return jnp.log1p(mean)
+
+
+def _undefined(f: Final, value: Array) -> Array:
+    """NaN where a head has no probability at all (every logit ``-inf``)."""
+    bad = (f.lse[0] == -jnp.inf) | (f.lse[1] == -jnp.inf)
+    return jnp.where(bad, jnp.full((), jnp.nan, value.dtype), value)
+
+
+@dataclasses.dataclass(frozen=True)
+class KLDivergence(Stat):
+    """``KL(q || p)`` of the teacher ``q`` (head 1, logits ``c``) from the student ``p``.
+
+    The student is head 0 (logits ``a``); one pass:
+    ``KL = E_q[c - a] - log E_p[e^(c - a)]``, both terms accumulated termwise online (no
+    difference of log-normalisers): exactly 0 for equal heads, clamped at 0 against rounding.
+    ``dKL / da_v = p_v - q_v``, ``dKL / dc_v = q_v (c_v - a_v - E_q[c - a])``.
+    """
+
+    uses_p: ClassVar[tuple[int, ...]] = (0, 1)
+
+    def init(self, rows):
+        return rows, rows
+
+    def update(self, carry, t):
+        gap_sum, ratio_sum = carry
+        step = t.steps[1]  # type: ignore[index]
+        gap_sum = step.rescale * gap_sum + jnp.sum(weighted(step.e, t.block.gap), axis=1)
+        return gap_sum, _log_ratio_update(ratio_sum, t)
+
+    def finish(self, carry, f):
+        gap_sum, ratio_sum = carry
+        gap = gap_sum / f.state[1].s  # the teacher's expectation over this shard's columns
+        if f.axis_name is not None:
+            share = jnp.exp(f.lse_local[1] - f.lse[1])
+            empty = f.lse_local[1] == -jnp.inf  # an all-padding shard: gap is 0 / 0 there
+            part = jnp.where(empty, jnp.zeros((), gap.dtype), share * gap)
+            gap = lax.psum(part, f.axis_name)
+        kl = _undefined(f, jnp.maximum(gap - _log_ratio_finish(ratio_sum, f), 0))
+        return kl, gap
+
+    def grads(self, g, gap, t):
+        p, q = t.p
+        row = g[:, None]
+        return (row * (p - q), row * weighted(q, t.block.gap - gap[:, None])), None, None
+
+
+@dataclasses.dataclass(frozen=True)
+class JSDivergence(Stat):
+    """Generalised Jensen-Shannon ``beta KL(P || M) + (1 - beta) KL(Q || M)``.
+
+    ``M = beta P + (1 - beta) Q`` of the student ``P`` (head 0) and the teacher ``Q`` (head
+    1); ``beta`` is the traced parameter. The mixture needs the normalisers: a second pass.
+
+    With ``d = log Q - log P = (c - a) - log E_p[e^(c - a)]`` (the first pass), the terms are
+    ``log P - log M = -log1p((1 - beta) expm1(d))`` and ``log Q - log M = -log1p(beta
+    expm1(-d))``: exactly 0 for equal heads, accurate near them. With ``J_P``, ``J_Q`` the two
+    halves, ``dJS / da_v = beta P_v (log P_v - log M_v) - P_v J_P`` (likewise for ``c``) and
+    ``dJS / dbeta = KL(P || M) - KL(Q || M)``.
+    """
+
+    second_pass: ClassVar[bool] = True
+    uses_p: ClassVar[tuple[int, ...]] = (0, 1)
+
+    def init(self, rows):
+        return rows, rows
+
+    def update(self, carry, t):
+        if t.first is None:  # the first pass: the normalisers' log-ratio
+            return carry[0], _log_ratio_update(carry[1], t)
+        jp, jq = carry
+        _, _, _, _, tp, tq = _js_terms(t.block, t.lse, t.first, t.param)
+        return jp + jnp.sum(tp, axis=1), jq + jnp.sum(tq, axis=1)
+
+    def finish(self, carry, f):
+        if f.first is None:
+            return _log_ratio_finish(carry[1], f), None
+        jp, jq = _psum(carry[0], f.axis_name), _psum(carry[1], f.axis_name)
+        return _undefined(f, jnp.maximum(jp + jq, 0)), (f.first, jp, jq)
+
+    def grads(self, g, residual, t):
+        ratio, jp, jq = residual
+        beta = t.param
+        p, q, rp, rq, tp, tq = _js_terms(t.block, t.lse, ratio, beta)
+        row = g[:, None]
+        ga = row * (tp - p * jp[:, None])
+        gc = row * (tq - q * jq[:, None])
+        d_beta = jnp.sum(row * (weighted(p, rp) - weighted(q, rq)))
+        return (ga, gc), d_beta, None
+
+
+def _js_terms(blk: Block, lse, ratio, beta):
+    """``(P, Q, log P - log M, log Q - log M, beta P (..), (1 - beta) Q (..))`` on a block."""
+    a, c = blk.z
+    lp = jnp.where(blk.valid, a - lse[0][:, None], -jnp.inf)
+    lq = jnp.where(blk.valid, c - lse[1][:, None], -jnp.inf)
+    p, q = jnp.exp(lp), jnp.exp(lq)
+    d = blk.gap - ratio[:, None]  # log Q - log P on the real columns
+    zero = jnp.zeros((), a.dtype)
+    d = jnp.where(blk.valid, d, zero)
+    rp = -jnp.log1p((1 - beta) * jnp.expm1(d))
+    rq = -jnp.log1p(beta * jnp.expm1(-d))
+    return p, q, rp, rq, weighted(beta * p, rp), weighted((1 - beta) * q, rq)
+
+
+def _only(head: int, dz: Array) -> tuple[Array | None, ...]:
+    return tuple(dz if k == head else None for k in range(head + 1))
+
+
+# ------------------------------------------------------------------------------ the engine
+
+
+def _scan(spec: Spec, heads, body, init, *, reverse: bool = False):
+    steps = jnp.arange(_vocab.num_chunks(heads[0].w.shape[1], spec.chunk))
+    carry, _ = lax.scan(lambda c, i: (body(c, i), None), init, steps, reverse=reverse)
+    return carry
+
+
+def _pass(spec: Spec, heads, u, y, offset, params, first, lse):
+    """One scan: the online log-sum-exps (first pass, ``lse is None``) and the statistics'
+    updates. Returns ``(states, carries)``.
+    """
+    acc = acc_dtype(heads)
+    n = heads[0].x.shape[0]
+    refs = jax.tree.leaves((heads, u, y, offset, params, lse, first))
+    rows = _vocab.varying_like(jnp.zeros((n,), acc), *refs)
+    todo = [
+        k
+        for k, s in enumerate(spec.stats)
+        if lse is None or (s.second_pass and first[k] is not None)
+    ]
+    states = tuple(Online(rows - jnp.inf, rows) for _ in heads) if lse is None else ()
+    carries = tuple(spec.stats[k].init(rows) for k in todo)
+
+    def body(carry, i):
+        states, carries = carry
+        blk = block(spec, heads, u, i, offset)
+        steps = None
+        if lse is None:
+            steps = tuple(online_step(s, z, blk.valid) for s, z in zip(states, blk.z, strict=True))
+            states = tuple(s.new for s in steps)
+        carries = tuple(
+            spec.stats[k].update(c, Fwd(blk, steps, lse, y, offset, params[k], first[k]))
+            for k, c in zip(todo, carries, strict=True)
+        )
+        return states, carries
+
+    states, carries = _scan(spec, heads, body, (states, carries))
+    return states, dict(zip(todo, carries, strict=True))
+
+
+def _global_lse(lse: Array, axis_name: str | None) -> Array:
+    if axis_name is None:
+        return lse
+    # The shift is a constant to any outer derivative (pmax has no derivative rule).
+    peak = finite_or_zero(lax.pmax(lax.stop_gradient(lse), axis_name))
+    return peak + jnp.log(lax.psum(jnp.exp(lse - peak), axis_name))
+
+
+def forward(spec: Spec, heads, u, y, offset, params):
+    """``(outputs, residuals)``: one output and one residual per statistic, plus the heads'
+    global log-normalisers as the last residual.
+    """
+    nones = (None,) * len(spec.stats)
+    states, carries = _pass(spec, heads, u, y, offset, params, nones, None)
+    lse_local = tuple(s.lse() for s in states)
+    lse = tuple(_global_lse(v, spec.axis_name) for v in lse_local)
+    outputs, residuals = [], []
+    for k, stat in enumerate(spec.stats):
+        f = Final(states, lse_local, lse, spec.axis_name, params[k], None)
+        out, res = stat.finish(carries[k], f)
+        outputs.append(out)
+        residuals.append(res)
+    if any(s.second_pass for s in spec.stats):
+        first = tuple(
+            o if s.second_pass else None for o, s in zip(outputs, spec.stats, strict=True)
+        )
+        _, carries = _pass(spec, heads, u, y, offset, params, first, lse)
+        for k in carries:
+            f = Final(states, lse_local, lse, spec.axis_name, params[k], first[k])
+            outputs[k], residuals[k] = spec.stats[k].finish(carries[k], f)
+    return tuple(outputs), (tuple(residuals), lse)
+
+
+def gradients(
+    spec: Spec, heads, u, y, offset, params, residuals, lse, cotangents, *, localize=True
+):
+    """Cotangents ``(heads, u, params)`` for per-token ``cotangents`` of the statistics
+    (``None`` or a ``SymbolicZero``: that statistic takes no part): one scan that recomputes
+    each block's logits. ``localize=False`` leaves the cotangents as accumulated (``dx`` in
+    the accumulation dtype, possibly device-varying over more mesh axes than the primals).
+    """
+    acc = acc_dtype(heads)
+    zero = jnp.zeros((), acc)
+    live = [
+        k
+        for k, (s, g) in enumerate(zip(spec.stats, cotangents, strict=True))
+        if s.differentiable and g is not None and type(g) is not SymbolicZero
+    ]
+    gs = {k: cotangents[k].astype(acc) for k in live}
+    uses_p = {h for k in live for h in spec.stats[k].uses_p}
+    # Tokens with a zero cotangent take no part: selects, not products, keep a NaN in their
+    # hidden state out of the gradient (0 * NaN is NaN).
+    active = functools.reduce(jnp.logical_or, (g != 0 for g in gs.values()), jnp.zeros((), bool))
+    active = jnp.broadcast_to(active, (heads[0].x.shape[0],))
+    x_active = [jnp.where(active[:, None], h.x, jnp.zeros((), h.x.dtype)) for h in heads]
+    operand = [jnp.result_type(h.x.dtype, h.w.dtype) for h in heads]
+    per_row = [h.inv_t is not None and jnp.ndim(h.inv_t) == 1 for h in heads]
+    want_inv = [spec.temperature_grad and h.inv_t is not None for h in heads]
+
+    def body(carry, i):
+        dx, dw, db, du, d_inv, d_par = carry
+        blk = block(spec, heads, u, i, offset)
+        p = tuple(
+            jnp.where(blk.valid, jnp.exp(z - v[:, None]), zero) if k in uses_p else None
+            for k, (z, v) in enumerate(zip(blk.z, lse, strict=True))
+        )
+        t = Bwd(blk, p, lse, y, None)
+        dz: list[Any] = [None] * len(heads)
+        d_par = list(d_par)
+        for k in live:
+            parts, dp, duc = spec.stats[k].grads(gs[k], residuals[k], t._replace(param=params[k]))
+            for h, part in enumerate(parts):
+                if part is not None:
+                    dz[h] = part if dz[h] is None else dz[h] + part
+            if dp is not None:
+                d_par[k] = d_par[k] + dp
+            if duc is not None and du is not None:
+                du = lax.dynamic_update_slice_in_dim(du, duc.astype(du.dtype), blk.start, 0)
+        dx, dw, db, d_inv = (list[Any](v) for v in (dx, dw, db, d_inv))
+        for h, head in enumerate(heads):
+            if dz[h] is None:
+                continue
+            g = dz[h]
+            if want_inv[h]:
+                prod = g * blk.capped[h]
+                d_inv[h] = d_inv[h] + (jnp.sum(prod, axis=1) if per_row[h] else jnp.sum(prod))
+            if head.inv_t is not None:
+                g = g * _per_row(head.inv_t).astype(acc)
+            g = jnp.where(active[:, None], g * cap_slope(spec.softcap, blk.capped[h]), zero)
+            gc = g.astype(operand[h])
+            dx[h] = dx[h] + jnp.dot(gc, blk.w[h].T, preferred_element_type=acc)
+            dwc = jnp.dot(x_active[h].T, gc, preferred_element_type=acc)
+            dw[h] = lax.dynamic_update_slice_in_dim(dw[h], dwc.astype(dw[h].dtype), blk.start, 1)
+            if db[h] is not None:
+                dbc = jnp.sum(g, axis=0).astype(db[h].dtype)
+                db[h] = lax.dynamic_update_slice_in_dim(db[h], dbc, blk.start, 0)
+        return tuple(dx), tuple(dw), tuple(db), du, tuple(d_inv), tuple(d_par)
+
+    def inv_zero(h, want):
+        if not want:
+            return None
+        return jnp.zeros(h.inv_t.shape if jnp.ndim(h.inv_t) == 1 else (), acc)
+
+    init = (
+        tuple(jnp.zeros(h.x.shape, acc) for h in heads),
+        tuple(jnp.zeros(h.w.shape, h.w.dtype) for h in heads),
+        tuple(None if h.b is None else jnp.zeros(h.b.shape, h.b.dtype) for h in heads),
+        None if u is None else jnp.zeros(u.shape, u.dtype),
+        tuple(inv_zero(h, want) for h, want in zip(heads, want_inv, strict=True)),
+        tuple(
+            None if params[k] is None else jnp.zeros(jnp.shape(params[k]), acc)
+            for k in range(len(spec.stats))
+        ),
+    )
+    refs = jax.tree.leaves((heads, u, y, offset, params, lse, gs, residuals))
+    init = _vocab.varying_like(init, *refs)
+    # Reverse order: the shifted last block writes zeros over the columns it shares with the
+    # previous block, which then overwrites them with their true gradient.
+    dx, dw, db, du, d_inv, d_par = _scan(spec, heads, body, init, reverse=True)
+
+    # Inside shard_map a cotangent may vary over mesh axes its primal does not (dW sums over
+    # token shards, a scalar over every shard): sum it there, as the transpose of pcast would.
+    def local(ct, ref) -> Any:
+        if ct is None or ref is None:
+            return None
+        if not localize:
+            return ct
+        return _vocab.sum_over_extra_axes(ct, ref).astype(jnp.result_type(ref))
+
+    d_heads = tuple(
+        Head(
+            x=local(dx[h], head.x),
+            w=local(dw[h], head.w),
+            b=local(db[h], head.b),
+            inv_t=local(d_inv[h], head.inv_t),
+        )
+        for h, head in enumerate(heads)
+    )
+    d_params = tuple(local(d, p) for d, p in zip(d_par, params, strict=True))
+    return d_heads, local(du, u), d_params
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def stream(spec: Spec, heads: tuple[Head, ...], u, y, offset, params):
+    """Per-token statistics ``spec.stats`` of ``heads`` (one output each), global over
+    ``spec.axis_name``.
+
+    ``u``: optional ``(V,)`` per-column weights (``ColumnSum``); ``y``: optional ``(N,)``
+    local label column ids (``-1``: not in this shard); ``offset``: global id of local column
+    0; ``params``: one traced parameter (or ``None``) per statistic.
+    """
+    return forward(spec, heads, u, y, offset, params)[0]
+
+
+def _stream_fwd(spec, heads, u, y, offset, params):
+    values = jax.custom_derivatives.custom_vjp_primal_tree_values
+    heads, u, y, offset, params = values((heads, u, y, offset, params))
+    outputs, (residuals, lse) = forward(spec, heads, u, y, offset, params)
+    return outputs, (heads, u, y, offset, params, residuals, lse)
+
+
+def _stream_bwd(spec, res, cotangents):
+    heads, u, y, offset, params, residuals, lse = res
+    d_heads, du, d_params = gradients(spec, heads, u, y, offset, params, residuals, lse, cotangents)
+    return d_heads, du, None, None, d_params
+
+
+stream.defvjp(_stream_fwd, _stream_bwd, symbolic_zeros=True)
