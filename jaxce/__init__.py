@@ -31,7 +31,13 @@ from jaxce._linear_distill import (
     linear_softmax_kl_divergence as linear_softmax_kl_divergence,
 )
 from jaxce._linear_log_probs import linear_log_probs as linear_log_probs
+from jaxce._policy import policy_gradient_loss as policy_gradient_loss
+from jaxce._policy import sampled_kl_divergence as sampled_kl_divergence
+from jaxce._preference import dpo_loss as dpo_loss
+from jaxce._preference import orpo_loss as orpo_loss
+from jaxce._preference import simpo_loss as simpo_loss
 from jaxce._reduce import weighted_mean as weighted_mean
+from jaxce._sequence import sequence_reduce as sequence_reduce
 from jaxce._softmax import nll_loss as nll_loss
 from jaxce._softmax import poly_loss_cross_entropy as poly_loss_cross_entropy
 from jaxce._softmax import safe_softmax_cross_entropy as safe_softmax_cross_entropy
@@ -49,6 +55,7 @@ __all__ = [
     "binary_cross_entropy",
     "binary_entropy",
     "convex_kl_divergence",
+    "dpo_loss",
     "ctc_loss",
     "ctc_loss_with_forward_probs",
     "entropy",
@@ -61,12 +68,17 @@ __all__ = [
     "linear_softmax_cross_entropy",
     "linear_softmax_kl_divergence",
     "nll_loss",
+    "policy_gradient_loss",
     "ntxent",
+    "orpo_loss",
     "poly_loss_cross_entropy",
     "pytorch",
     "safe_softmax_cross_entropy",
+    "sampled_kl_divergence",
+    "sequence_reduce",
     "sigmoid_binary_cross_entropy",
     "sigmoid_focal_loss",
+    "simpo_loss",
     "sklearn",
     "smooth_labels",
     "softmax_cross_entropy",

@@ -170,17 +170,19 @@ def static_option(value: Any, name: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Domain:
-    """An interval of allowed values: ``[low, high]``, or ``(low, high]`` when ``open_low``."""
+    """An interval of allowed values: ``[low, high]``; ``open_low``/``open_high`` exclude an end."""
 
     low: float
     high: float
     open_low: bool
     text: str
+    open_high: bool = False
 
     def holds(self, value):
         """Elementwise membership; NaN is never a member (works for NumPy and JAX arrays)."""
         above = value > self.low if self.open_low else value >= self.low
-        return above & (value <= self.high)
+        below = value < self.high if self.open_high else value <= self.high
+        return above & below
 
 
 UNIT_INTERVAL = Domain(0.0, 1.0, False, "in [0, 1]")
