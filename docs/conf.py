@@ -11,6 +11,8 @@ import os
 import re
 import sys
 
+import sphinx.ext.autosummary
+
 # Document the checkout this file belongs to, also when another jaxce is installed.
 sys.path.insert(0, os.path.abspath(".."))
 
@@ -40,8 +42,12 @@ autosummary_imported_members = True
 autodoc_default_options = {"members": False}
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
-# ``jax.typing.ArrayLike`` is a long Union: signatures show its name instead.
-autodoc_type_aliases = {"ArrayLike": "jax.typing.ArrayLike", "Array": "jax.Array"}
+# ``jax.typing.ArrayLike`` is a long Union: signatures show the alias as the source writes it.
+# Each alias maps to its own name, not to ``jax.typing.ArrayLike``: for an ``@overload``ed
+# function Sphinx evaluates an alias's target a second time in the module's namespace, so a
+# dotted target would come back as the expanded eight-type Union; its own name comes back as
+# the string ``"ArrayLike"``. ``.ci/run`` checks the built pages for an expanded Union.
+autodoc_type_aliases = {"ArrayLike": "ArrayLike", "Array": "Array"}
 add_module_names = False
 
 napoleon_google_docstring = True
@@ -61,7 +67,13 @@ html_theme_options = {
     # Only the long guides get a "Contents" column; elsewhere the text takes the room.
     "secondary_sidebar_items": {
         page: ["page-toc"]
-        for page in ("getting_started", "conventions", "large_vocabulary", "examples")
+        for page in (
+            "getting_started",
+            "conventions",
+            "large_vocabulary",
+            "post_training",
+            "examples",
+        )
     },
 }
 
@@ -76,6 +88,19 @@ def _plain_aliases(app, what, name, obj, options, signature, return_annotation):
     if return_annotation:
         return_annotation = _FORWARD_REF.sub(r"\1", return_annotation)
     return signature, return_annotation
+
+
+# The summary tables of the API pages: Sphinx joins an overloaded function's signatures (one per
+# ``@overload``, e.g. for ``reduction="sum_and_weight"``) with newlines before compacting them,
+# and the compacted form of the joined text is ``(-> Array)``. Compact the first one alone.
+_mangle_signature = sphinx.ext.autosummary.mangle_signature
+
+
+def _mangle_first_signature(sig: str, max_chars: int = 30) -> str:
+    return _mangle_signature(sig.split("\n", 1)[0], max_chars=max_chars)
+
+
+sphinx.ext.autosummary.mangle_signature = _mangle_first_signature
 
 
 def setup(app):

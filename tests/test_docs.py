@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import pathlib
 import re
+import typing
 
 import pytest
 
@@ -73,7 +75,13 @@ def test_every_api_page_is_in_the_api_toctree():
             assert re.search(rf"^   {page.stem}$", index, re.M), page.name
 
 
-GUIDES = ["getting_started", "conventions", "pytorch_migration", "large_vocabulary"]
+GUIDES = [
+    "getting_started",
+    "conventions",
+    "pytorch_migration",
+    "large_vocabulary",
+    "post_training",
+]
 _CODE = re.compile(r"^\.\. code-block:: python\n\n((?:   .*\n|\n)+)", re.M)
 
 
@@ -91,3 +99,32 @@ def test_guide_code_runs_in_order(page):
 
 def test_guides_have_code():
     assert all(code_blocks(page) for page in GUIDES if page != "conventions")
+
+
+# The post-training guide's tables name every option of these parameters.
+POST_TRAINING_OPTIONS = [
+    ("sampled_kl_divergence", "estimator"),
+    ("sequence_reduce", "reduction"),
+    ("dpo_loss", "loss_type"),
+    ("policy_gradient_loss", "importance_sampling"),
+    ("policy_gradient_loss", "kl_estimator"),
+    ("policy_gradient_loss", "aggregation"),
+]
+
+
+def literal_options(function, parameter: str) -> set[str]:
+    """The strings of the ``Literal`` annotations of ``parameter``, over every overload."""
+    options = set()
+    for variant in [*typing.get_overloads(function), inspect.unwrap(function)]:
+        hint = typing.get_type_hints(variant).get(parameter)
+        options |= {arg for arg in typing.get_args(hint) if isinstance(arg, str)}
+    return options
+
+
+@pytest.mark.parametrize(("name", "parameter"), POST_TRAINING_OPTIONS)
+def test_post_training_guide_names_every_option(name, parameter):
+    options = literal_options(getattr(jaxce, name), parameter)
+    assert len(options) >= 2, (name, parameter, options)
+    guide = (DOCS / "post_training.rst").read_text()
+    missing = sorted(option for option in options if f'"{option}"' not in guide)
+    assert not missing, f"docs/post_training.rst does not name {name}'s {parameter} {missing}"
