@@ -231,7 +231,7 @@ def policy_gradient_loss(
     segment_ids: ArrayLike | None = None,
     num_segments: int | None = None,
 ) -> Array | tuple[Array, Array]:
-    r"""The clipped policy-gradient surrogate of PPO and the GRPO family (DAPO, Dr. GRPO, GSPO).
+    r"""The clipped policy-gradient surrogate of PPO and the GRPO family (DAPO, GSPO and others).
 
     On the per-token log-probabilities of sampled tokens under the current policy
     (``log_probs``, differentiated) and under the policy that sampled them (``old_log_probs``,

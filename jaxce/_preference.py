@@ -119,19 +119,19 @@ def dpo_loss(
 
     .. math::
       \begin{array}{ll}
-      \texttt{sigmoid} & -(1-\varepsilon)\log\sigma(z) - \varepsilon\log\sigma(-z)
+      \mathtt{sigmoid} & -(1-\varepsilon)\log\sigma(z) - \varepsilon\log\sigma(-z)
         \quad\text{(DPO; cDPO when } \varepsilon > 0)\\
-      \texttt{robust} & \big(-(1-\varepsilon)\log\sigma(z) + \varepsilon\log\sigma(-z)\big)
+      \mathtt{robust} & \big(-(1-\varepsilon)\log\sigma(z) + \varepsilon\log\sigma(-z)\big)
         / (1 - 2\varepsilon)\\
-      \texttt{hinge} & \max(0, 1 - z) \quad\text{(SLiC)}\\
-      \texttt{ipo} & (\Delta - 1/(2\beta))^2\\
-      \texttt{exo\_pair} & \sigma(z)\big(\log\sigma(z) - \log(1-\varepsilon)\big)
+      \mathtt{hinge} & \max(0, 1 - z) \quad\text{(SLiC)}\\
+      \mathtt{ipo} & (\Delta - 1/(2\beta))^2\\
+      \mathtt{exo\_pair} & \sigma(z)\big(\log\sigma(z) - \log(1-\varepsilon)\big)
         + \sigma(-z)\big(\log\sigma(-z) - \log\varepsilon\big)\\
-      \texttt{nca\_pair} & -\log\sigma(\beta c) - \tfrac12\log\sigma(-\beta c)
+      \mathtt{nca\_pair} & -\log\sigma(\beta c) - \tfrac12\log\sigma(-\beta c)
         - \tfrac12\log\sigma(-\beta r)\\
-      \texttt{sppo\_hard} & (c - 1/(2\beta))^2 + (r + 1/(2\beta))^2\\
-      \texttt{apo\_zero} & 1 - \sigma(\beta c) + \sigma(\beta r)\\
-      \texttt{apo\_down} & \sigma(\beta c) + 1 - \sigma(z)
+      \mathtt{sppo\_hard} & (c - 1/(2\beta))^2 + (r + 1/(2\beta))^2\\
+      \mathtt{apo\_zero} & 1 - \sigma(\beta c) + \sigma(\beta r)\\
+      \mathtt{apo\_down} & \sigma(\beta c) + 1 - \sigma(z)
       \end{array}
 
     ``beta`` is applied once, here (not also by the caller). With a policy equal to its
