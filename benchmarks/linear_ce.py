@@ -90,8 +90,8 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--reps``, ``--dtype`` and the repeatable ``--shape N,D,V`` of the fused benchmarks."""
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument(
@@ -100,6 +100,32 @@ def main():
         type=lambda text: tuple(int(part) for part in text.split(",")),
         help="N,D,V (repeatable; default: the two CPU shapes)",
     )
+
+
+def problem(rng, n: int, d: int, v: int, dtype):
+    """Hidden states ``(n, d)``, a ``(d, v)`` kernel and int32 labels."""
+    h = jnp.asarray(rng.normal(size=(n, d)), dtype)
+    w = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d), dtype)
+    y = jnp.asarray(rng.integers(0, v, size=n), jnp.int32)
+    return h, w, y
+
+
+def interleaved_times(steps: dict, reps: int) -> dict:
+    """Seconds per run of each step, ``reps`` rounds interleaved after one warm-up each."""
+    for run in steps.values():
+        run()  # warm-up (compiles)
+    times = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, run in steps.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser)
     opts = parser.parse_args()
     dtype = jnp.dtype(opts.dtype)
     print(
@@ -109,9 +135,7 @@ def main():
     )
     rng = np.random.default_rng(0)
     for n, d, v in opts.shape or SHAPES:
-        h = jnp.asarray(rng.normal(size=(n, d)), dtype)
-        w = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d), dtype)
-        y = jnp.asarray(rng.integers(0, v, size=n), jnp.int32)
+        h, w, y = problem(rng, n, d, v, dtype)
         steps, temps = {}, {}
         for name, loss in (
             ("optax", optax_loss),
@@ -123,14 +147,7 @@ def main():
         torch_run = torch_step(h, w, y) if dtype == jnp.float32 and on_cpu else None
         if torch_run is not None:
             steps["torch"] = torch_run
-        for run in steps.values():
-            run()  # warm-up (compiles)
-        times = {name: [] for name in steps}
-        for _ in range(opts.reps):
-            for name, run in steps.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
+        times = interleaved_times(steps, opts.reps)
         ref = float(np.median(times["optax"]))
         digits = 2 if ref >= 1 else 4  # an accelerator's times are milliseconds
         print(f"N={n} D={d} V={v}  load average {os.getloadavg()}")

@@ -26,12 +26,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from linear_ce import jax_step, machine  # this folder's fused cross-entropy benchmark
+from linear_ce import (  # this folder's fused cross-entropy benchmark
+    add_common_arguments,
+    interleaved_times,
+    jax_step,
+    machine,
+    problem,
+)
 
 import jaxce
 
@@ -81,15 +86,8 @@ def fused_loss(h, w, y, a, c):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--dtype", default="float32")
+    add_common_arguments(parser)
     parser.add_argument("--chunk-tokens", type=int, default=512)
-    parser.add_argument(
-        "--shape",
-        action="append",
-        type=lambda text: tuple(int(part) for part in text.split(",")),
-        help="N,D,V (repeatable; default: the two CPU shapes)",
-    )
     opts = parser.parse_args()
     dtype = jnp.dtype(opts.dtype)
     print(
@@ -100,9 +98,7 @@ def main():
     )
     rng = np.random.default_rng(0)
     for n, d, v in opts.shape or SHAPES:
-        h = jnp.asarray(rng.normal(size=(n, d)), dtype)
-        w = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d), dtype)
-        y = jnp.asarray(rng.integers(0, v, size=n), jnp.int32)
+        h, w, y = problem(rng, n, d, v, dtype)
         a = jnp.asarray(rng.normal(size=n), jnp.float32)
         c = jnp.asarray(rng.normal(size=n) * 0.01, jnp.float32)
         args = (h, w, y, a, c)
@@ -113,14 +109,7 @@ def main():
             ("fused", fused_loss),
         ):
             steps[name], temps[name] = jax_step(loss, args)
-        for run in steps.values():
-            run()  # warm-up (compiles)
-        times = {name: [] for name in steps}
-        for _ in range(opts.reps):
-            for name, run in steps.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
+        times = interleaved_times(steps, opts.reps)
         med = {name: float(np.median(ts)) for name, ts in times.items()}
         digits = 2 if med["materialised"] >= 1 else 4  # an accelerator's times are ms
         print(f"N={n} D={d} V={v}  load average {os.getloadavg()}")
