@@ -21,6 +21,7 @@ entries for names that are announced in the contract but not yet in ``jaxce`` ar
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from collections.abc import Callable
 from typing import Any
@@ -124,6 +125,7 @@ class Entry:
 
 
 # --------------------------------------------------------------------------- input makers
+# ``(rng, n) -> arrays`` for ``n`` examples; the draws happen in argument order.
 
 
 def _logits(rng, n, c=C):
@@ -143,6 +145,23 @@ def _weights(rng, n):
     return rng.uniform(0.5, 2.0, size=n)
 
 
+def _log_predictions(rng, n):
+    return log_softmax(_logits(rng, n))
+
+
+def _drawn(*makers):
+    """The input maker drawing each of ``makers`` in turn."""
+    return lambda rng, n: tuple(m(rng, n) for m in makers)
+
+
+_LOGITS_PROBS = _drawn(_logits, _probs)
+_LOGITS_LABELS = _drawn(_logits, _labels)
+_LOG_PROBS_LABELS = _drawn(_log_predictions, _labels)
+_LOG_PREDICTIONS_PROBS = _drawn(_log_predictions, _probs)
+_LOG_PREDICTIONS_LOG_PROBS = _drawn(_log_predictions, lambda r, n: np.log(_probs(r, n)))
+_TWO_LOGITS = _drawn(_logits, _logits)
+
+
 def _binary(rng, n):
     """Logits ``(n, 4)`` and soft labels in ``(0, 1)``."""
     return rng.normal(size=(n, 4)) * 2, rng.uniform(0.05, 0.95, size=(n, 4))
@@ -152,6 +171,86 @@ def _probabilities_and_labels(rng, n):
     """Probabilities bounded away from 0 and 1 (the finite differences of the log terms stay
     accurate) and soft labels, ``(n, 4)``."""
     return rng.uniform(0.1, 0.9, (n, 4)), rng.uniform(0.05, 0.95, (n, 4))
+
+
+def _fused_inputs(rng, n):
+    """Hidden states ``(n, D)``, a kernel ``(D, V)``, a bias and labels of the fused losses."""
+    return (
+        rng.normal(size=(n, D)),
+        rng.normal(size=(D, V)) / 2,
+        rng.normal(size=V),
+        _labels(rng, n, V),
+    )
+
+
+def _distill_inputs(rng, n):
+    """Student hidden states and kernel, teacher hidden states and kernel (hidden size D+1)."""
+    return (
+        rng.normal(size=(n, D)),
+        rng.normal(size=(D, V)) / 2,
+        rng.normal(size=(n, D + 1)),
+        rng.normal(size=(D + 1, V)) / 2,
+    )
+
+
+def _ctc_inputs(rng, n):
+    logits = rng.normal(size=(n, T_CTC, K_CTC)) * 1.5
+    logit_paddings = np.zeros((n, T_CTC))
+    logit_paddings[::2, -1] = 1.0  # every other sequence one frame shorter
+    labels = rng.integers(1, K_CTC, size=(n, L_CTC)).astype(np.int32)
+    label_paddings = np.zeros((n, L_CTC))
+    label_paddings[1::2, -1] = 1.0
+    return logits, logit_paddings, labels, label_paddings
+
+
+def _ntxent_inputs(rng, n):
+    labels = (np.arange(n) % 2).astype(np.int32)  # pairs in every batch of 3 or more
+    return rng.normal(size=(n, 3)), labels
+
+
+def _sequence_inputs(rng, n, t=4):
+    """Per-token log-probabilities of ``n`` sequences of ``t`` tokens."""
+    return -rng.uniform(0.2, 3.0, size=(n, t))
+
+
+def _token_mask(rng, n, t=4):
+    """A boolean token mask; the first sequence keeps all its tokens (the NaN cells put
+    their NaN there)."""
+    mask = rng.uniform(size=(n, t)) > 0.3
+    mask[:1] = True
+    return mask
+
+
+def _pairs(rng, n):
+    """Sequence log-probabilities: chosen, rejected, reference chosen, reference rejected."""
+    return tuple(_sequence_inputs(rng, n, 1)[:, 0] for _ in range(4))
+
+
+def _policy_inputs(rng, n):
+    lp = _sequence_inputs(rng, n)
+    old = lp + rng.normal(size=lp.shape) * 0.1  # ratios inside and outside the clip range
+    return lp, old, rng.normal(size=n), _token_mask(rng, n)
+
+
+# The ``identical`` makers: the arrays of a divergence at two equal distributions.
+def _same_logits(s):
+    return s, s
+
+
+def _log_and_probs(s):
+    return log_softmax(s), _softmax(s)
+
+
+def _log_and_log(s):
+    return log_softmax(s), log_softmax(s)
+
+
+def _same_fused(s):
+    """Student and teacher with the same hidden states and kernel."""
+    return s[:, :D], s[:D] / 2, s[:, :D], s[:D] / 2
+
+
+# --------------------------------------------------------------------------- references
 
 
 def _softmax(x):
@@ -166,12 +265,13 @@ def _log_sigmoid(x):
     return -np.logaddexp(0, -x)
 
 
-# --------------------------------------------------------------------------- references
-
-
 def _ce_int(x, y, w=None):
     loss = -np.take_along_axis(log_softmax(x), y[:, None].astype(int), -1)[:, 0]
     return loss if w is None else loss * w
+
+
+def _nll(lp, y):
+    return -np.take_along_axis(lp, y[:, None].astype(int), -1)[:, 0]
 
 
 def _ce_soft(x, t):
@@ -235,48 +335,128 @@ def _linear_logits(h, w, b=None):
     return z if b is None else z + b
 
 
-def _ctc_inputs(rng, n):
-    logits = rng.normal(size=(n, T_CTC, K_CTC)) * 1.5
-    logit_paddings = np.zeros((n, T_CTC))
-    logit_paddings[::2, -1] = 1.0  # every other sequence one frame shorter
-    labels = rng.integers(1, K_CTC, size=(n, L_CTC)).astype(np.int32)
-    label_paddings = np.zeros((n, L_CTC))
-    label_paddings[1::2, -1] = 1.0
-    return logits, logit_paddings, labels, label_paddings
+def _fused_aux_reference(h, w, b, y):
+    z = 3.0 * np.tanh(_linear_logits(h, w, b) / 3.0)
+    lse = np.log(np.sum(np.exp(z), -1))
+    loss = _ce_int(z, y) + 1e-2 * lse**2
+    return loss, (lse, 1e-2 * lse**2, np.argmax(z, -1))
 
 
-def _ntxent_inputs(rng, n):
-    labels = (np.arange(n) % 2).astype(np.int32)  # pairs in every batch of 3 or more
-    return rng.normal(size=(n, 3)), labels
+def _fused_entropy_reference(h, w, b, y):
+    z = 3.0 * np.tanh(_linear_logits(h, w, b) / 3.0) / 1.5
+    return -_ce_int(z, y), _entropy(z)
 
 
-# --------------------------------------------------------------------------- helpers
+def _dpo_reference(beta, label_smoothing):
+    def ref(c, rj, rc, rr):
+        m = beta * ((c - rc) - (rj - rr))
+        return -(1 - label_smoothing) * _log_sigmoid(m) - label_smoothing * _log_sigmoid(-m)
+
+    return ref
 
 
-def _no_reduction(f):
-    """``call`` for a function without a reduction argument."""
+def _ipo_reference(c, rj, rc, rr, beta=0.1):
+    return ((c - rc) - (rj - rr) - 1 / (2 * beta)) ** 2
 
-    def call(*arrays, reduction=None, **options):
-        assert reduction is None
-        return f(*arrays, **options)
+
+def _simpo_reference(c, rj):
+    return -_log_sigmoid(2.0 * (c - rj) - 0.5)
+
+
+def _orpo_reference(c, rj):
+    log_odds = (c - rj) - (np.log(-np.expm1(c)) - np.log(-np.expm1(rj)))
+    return -0.1 * _log_sigmoid(log_odds)
+
+
+def _policy_reference(lp, old, a, m):
+    ratio = np.exp(lp - old)
+    adv = a[:, None]
+    per_token = -np.minimum(ratio * adv, np.clip(ratio, 0.8, 1.2) * adv)
+    return np.where(m, per_token, 0.0)
+
+
+def _sequence_sum(v, m):
+    return np.sum(v * m, -1)
+
+
+def _sequence_mean(v, m):
+    return np.sum(v * m, -1) / np.maximum(m.sum(-1), 1)
+
+
+# --------------------------------------------------------------------------- calls
+
+
+def _bind(fn, *, keywords=(), reduction_name="reduction", default="none", **defaults):
+    """``call`` for ``fn``: the arrays passed by position, except those at the ``(index,
+    name)`` pairs of ``keywords``, passed by name; the reduction passed as ``reduction_name``
+    (``None``: ``fn`` has no reduction argument and the cells pass ``None``); ``defaults``
+    are options the cell's own options override."""
+    named = dict(keywords)
+    if reduction_name is None:
+        default = None
+
+    def call(*arrays, reduction=default, **options):
+        args = [a for i, a in enumerate(arrays) if i not in named]
+        kwargs = {name: arrays[i] for i, name in named.items()}
+        if reduction_name is None:
+            assert reduction is None
+        else:
+            kwargs[reduction_name] = reduction
+        return fn(*args, **kwargs, **{**defaults, **options})
 
     return call
 
 
-def _reduced(f):
-    def call(*arrays, reduction="none", **options):
-        return f(*arrays, reduction=reduction, **options)
-
-    return call
-
-
-def _module(cls):
+def _module(cls, **defaults):
     """``call`` for a ``jaxce.pytorch`` loss module: the criterion built, then called."""
 
     def call(*arrays, reduction="mean", **options):
-        return cls(reduction=reduction, **options)(*arrays)
+        return cls(reduction=reduction, **{**defaults, **options})(*arrays)
 
     return call
+
+
+def _pending(name):
+    """The public function ``jaxce.<name>`` looked up at call time (it may not exist yet)."""
+
+    def f(*args, **kwargs):
+        return getattr(jaxce, name)(*args, **kwargs)
+
+    return f
+
+
+def _entry(
+    id: str,
+    inputs: Callable,
+    names: tuple[str, ...],
+    float_args: tuple[int, ...],
+    reference: Callable,
+    *,
+    call: Callable | None = None,
+    keywords: tuple[tuple[int, str], ...] = (),
+    reduction_name: str | None = "reduction",
+    options: dict | None = None,
+    **fields: Any,
+) -> Entry:
+    """The entry of the public name ``jaxce.<id without its [variant]>``. Without ``call``,
+    the public object is called through ``_bind`` (a function; ``jaxce.<needs>`` looked up
+    at call time) or ``_module`` (a ``jaxce.pytorch`` class) with ``options`` as defaults;
+    without a reduction argument, ``reductions`` is ``(None,)``."""
+    dotted = id.split("[")[0]
+    if call is None:
+        if fields.get("needs") is not None:
+            obj = _pending(dotted)
+        else:
+            obj = jaxce
+            for part in dotted.split("."):
+                obj = getattr(obj, part)
+        if isinstance(obj, type):
+            call = _module(obj, **(options or {}))
+        else:
+            call = _bind(obj, keywords=keywords, reduction_name=reduction_name, **(options or {}))
+    if reduction_name is None:
+        fields.setdefault("reductions", (None,))
+    return Entry(id, f"jaxce.{dotted}", inputs, call, names, float_args, reference, **fields)
 
 
 def _jvp_raises(entry: Entry, arrays: tuple) -> Any:
@@ -299,6 +479,11 @@ def _reduction_raises(reduction: str) -> Callable[[Entry, tuple], Any]:
     return run
 
 
+def _direct_raises(name: str, **options: Any) -> Callable[[Entry, tuple], Any]:
+    """Calls ``jaxce.<name>(*arrays, **options)`` itself (not through the entry's call)."""
+    return lambda entry, arrays: getattr(jaxce, name)(*arrays, **options)
+
+
 _NO_SUM_AND_WEIGHT = Unsupported(
     "reduction-sum_and_weight",
     _reduction_raises("sum_and_weight"),
@@ -315,476 +500,273 @@ _FORWARD_MODE = Unsupported(
     "vocabularies); jax.jvp names the materialised alternative",
 )
 
-_TORCH_REDUCTIONS = ("none", "sum", "mean")
-_TORCH_EMPTY = {"sum": 0.0, "mean": float("nan")}
+_TORCH = {"reductions": ("none", "sum", "mean"), "empty_reduced": {"sum": 0.0, "mean": math.nan}}
+_FUSED = {"modes": ("rev",), "unsupported": (_FORWARD_MODE,)}  # reverse mode only
+_FUSED_NAMES = ("hidden", "weight", "bias", "labels")
+_DISTILL_NAMES = ("hidden", "weight", "target_hidden", "target_weight")
+_PAIR_NAMES = (
+    "chosen_log_probs",
+    "rejected_log_probs",
+    "ref_chosen_log_probs",
+    "ref_rejected_log_probs",
+)
+_PREFERENCE_REDUCTIONS = ("none", "sum", "mean")
 
 
 # --------------------------------------------------------------------------- the entries
 
 
 def _core_entries() -> list[Entry]:
-    e: list[Entry] = []
-    e.append(
-        Entry(
+    kl_like = {"identical": _log_and_probs, "exact": False}  # two forms of one distribution
+    return [
+        _entry(
             "softmax_cross_entropy",
-            "jaxce.softmax_cross_entropy",
-            lambda r, n: (_logits(r, n), _probs(r, n)),
-            _reduced(jaxce.softmax_cross_entropy),
+            _LOGITS_PROBS,
             ("logits", "labels"),
             (0, 1),
             _ce_soft,
             domains=(("label_smoothing", 1.5), ("z_loss", -1.0)),
-        )
-    )
-    e.append(
-        Entry(
+        ),
+        _entry(
             "softmax_cross_entropy_with_integer_labels",
-            "jaxce.softmax_cross_entropy_with_integer_labels",
-            lambda r, n: (_logits(r, n), _labels(r, n), _weights(r, n)),
-            lambda x, y, w, reduction="none", **o: jaxce.softmax_cross_entropy_with_integer_labels(
-                x, y, sample_weights=w, reduction=reduction, **o
-            ),
+            _drawn(_logits, _labels, _weights),
             ("logits", "labels", "sample_weights"),
             (0, 2),
             _ce_int,
+            keywords=((2, "sample_weights"),),
             domains=(("label_smoothing", -0.1), ("z_loss", -1.0)),
-        )
-    )
-    e.append(
-        Entry(
-            "nll_loss",
-            "jaxce.nll_loss",
-            lambda r, n: (log_softmax(_logits(r, n)), _labels(r, n)),
-            _reduced(jaxce.nll_loss),
-            ("log_probs", "labels"),
-            (0,),
-            lambda lp, y: -np.take_along_axis(lp, y[:, None].astype(int), -1)[:, 0],
-        )
-    )
-    e.append(
-        Entry(
-            "poly_loss_cross_entropy",
-            "jaxce.poly_loss_cross_entropy",
-            lambda r, n: (_logits(r, n), _probs(r, n)),
-            _reduced(jaxce.poly_loss_cross_entropy),
-            ("logits", "labels"),
-            (0, 1),
-            _poly,
-        )
-    )
-    e.append(
-        Entry(
+        ),
+        _entry("nll_loss", _LOG_PROBS_LABELS, ("log_probs", "labels"), (0,), _nll),
+        _entry("poly_loss_cross_entropy", _LOGITS_PROBS, ("logits", "labels"), (0, 1), _poly),
+        _entry(
             "safe_softmax_cross_entropy",
-            "jaxce.safe_softmax_cross_entropy",
-            lambda r, n: (_logits(r, n), _probs(r, n)),
-            _no_reduction(jaxce.safe_softmax_cross_entropy),
+            _LOGITS_PROBS,
             ("logits", "labels"),
             (0, 1),
             _ce_soft,
-            reductions=(None,),
-        )
-    )
-    e.append(
-        Entry(
+            reduction_name=None,
+        ),
+        _entry(
             "smooth_labels",
-            "jaxce.smooth_labels",
-            lambda r, n: (_probs(r, n),),
-            _no_reduction(lambda t, **o: jaxce.smooth_labels(t, o.pop("alpha", 0.1), **o)),
+            _drawn(_probs),
             ("labels",),
             (0,),
             lambda t: 0.9 * t + 0.1 / C,
-            reductions=(None,),
+            reduction_name=None,
+            options={"alpha": 0.1},
             keeps_dtype=True,
             domains=(("alpha", 1.5),),
-        )
-    )
-    e.append(
-        Entry(
+        ),
+        _entry(
             "softmax_focal_loss",
-            "jaxce.softmax_focal_loss",
-            lambda r, n: (_logits(r, n), _labels(r, n)),
-            _reduced(jaxce.softmax_focal_loss),
+            _LOGITS_LABELS,
             ("logits", "labels"),
             (0,),
             _focal_int,
             domains=(("gamma", -1.0),),
-        )
-    )
-    e.append(
-        Entry(
-            "entropy",
-            "jaxce.entropy",
-            lambda r, n: (_logits(r, n),),
-            _reduced(jaxce.entropy),
-            ("logits",),
-            (0,),
-            _entropy,
-        )
-    )
-    e.append(
-        Entry(
+        ),
+        _entry("entropy", _drawn(_logits), ("logits",), (0,), _entropy),
+        _entry(
             "binary_entropy",
-            "jaxce.binary_entropy",
             lambda r, n: (_binary(r, n)[0],),
-            _reduced(jaxce.binary_entropy),
             ("logits",),
             (0,),
             _binary_entropy,
-        )
-    )
-    e.append(
-        Entry(
+        ),
+        _entry(
             "kl_divergence",
-            "jaxce.kl_divergence",
-            lambda r, n: (log_softmax(_logits(r, n)), _probs(r, n)),
-            _reduced(jaxce.kl_divergence),
+            _LOG_PREDICTIONS_PROBS,
             ("log_predictions", "targets"),
             (0, 1),
             _kl,
-            identical=lambda s: (log_softmax(s), _softmax(s)),
-            exact=False,
-        )
-    )
-    e.append(
-        Entry(
+            **kl_like,
+        ),
+        _entry(
             "kl_divergence_with_log_targets",
-            "jaxce.kl_divergence_with_log_targets",
-            lambda r, n: (log_softmax(_logits(r, n)), np.log(_probs(r, n))),
-            _reduced(jaxce.kl_divergence_with_log_targets),
+            _LOG_PREDICTIONS_LOG_PROBS,
             ("log_predictions", "log_targets"),
             (0, 1),
             lambda lq, lp: _kl(lq, np.exp(lp)),
-            identical=lambda s: (log_softmax(s), log_softmax(s)),
-        )
-    )
-    e.append(
-        Entry(
+            identical=_log_and_log,
+        ),
+        _entry(
             "softmax_kl_divergence",
-            "jaxce.softmax_kl_divergence",
-            lambda r, n: (_logits(r, n), _logits(r, n)),
-            lambda s, t, reduction="none", **o: jaxce.softmax_kl_divergence(
-                s, t, reduction=reduction, **{"temperature": 2.0, **o}
-            ),
+            _TWO_LOGITS,
             ("logits", "target_logits"),
             (0, 1),
             lambda s, t: _softmax_kl(s, t, 2.0),
-            identical=lambda s: (s, s),
+            options={"temperature": 2.0},
+            identical=_same_logits,
             identical_options=({"temperature": 1.0}, {"temperature": 2.0}, {"temperature": 3.0}),
             domains=(("temperature", 0.0),),
-        )
-    )
-    e.append(
-        Entry(
+        ),
+        _entry(
             "js_divergence",
-            "jaxce.js_divergence",
-            lambda r, n: (_logits(r, n), _logits(r, n)),
-            lambda a, b, reduction="none", **o: jaxce.js_divergence(
-                a, b, reduction=reduction, **{"beta": 0.3, **o}
-            ),
+            _TWO_LOGITS,
             ("logits_p", "logits_q"),
             (0, 1),
             lambda a, b: _js(a, b, 0.3),
-            identical=lambda s: (s, s),
+            options={"beta": 0.3},
+            identical=_same_logits,
             identical_options=({"beta": 0.5}, {"beta": 0.3}),
             domains=(("beta", 1.5),),
-        )
-    )
-    for name in ("generalized_kl_divergence", "convex_kl_divergence"):
-        fn = getattr(jaxce, name)
-        e.append(
-            Entry(
+        ),
+        *(
+            _entry(
                 name,
-                f"jaxce.{name}",
-                lambda r, n: (log_softmax(_logits(r, n)), _probs(r, n)),
-                _no_reduction(fn),
+                _LOG_PREDICTIONS_PROBS,
                 ("log_predictions", "targets"),
                 (0, 1),
                 _generalized_kl,
-                reductions=(None,),
-                identical=lambda s: (log_softmax(s), _softmax(s)),
-                exact=False,
+                reduction_name=None,
+                **kl_like,
             )
-        )
-    e.append(
-        Entry(
+            for name in ("generalized_kl_divergence", "convex_kl_divergence")
+        ),
+        _entry(
             "sigmoid_binary_cross_entropy",
-            "jaxce.sigmoid_binary_cross_entropy",
             _binary,
-            _reduced(jaxce.sigmoid_binary_cross_entropy),
             ("logits", "labels"),
             (0, 1),
             _sigmoid_bce,
             domains=(("label_smoothing", 1.5),),
-        )
-    )
-    e.append(
-        Entry(
-            "binary_cross_entropy",
-            "jaxce.binary_cross_entropy",
-            _probabilities_and_labels,
-            _reduced(jaxce.binary_cross_entropy),
-            ("probs", "labels"),
-            (0, 1),
-            _bce,
-        )
-    )
-    e.append(
-        Entry(
+        ),
+        _entry(
+            "binary_cross_entropy", _probabilities_and_labels, ("probs", "labels"), (0, 1), _bce
+        ),
+        _entry(
             "sigmoid_focal_loss",
-            "jaxce.sigmoid_focal_loss",
             _binary,
-            lambda x, y, reduction="none", **o: jaxce.sigmoid_focal_loss(
-                x, y, reduction=reduction, **{"alpha": 0.25, **o}
-            ),
             ("logits", "labels"),
             (0, 1),
             _sigmoid_focal,
+            options={"alpha": 0.25},
             domains=(("gamma", -1.0), ("alpha", 1.5)),
-        )
-    )
-    for name in ("ctc_loss", "ctc_loss_with_forward_probs"):
-        fn = getattr(jaxce, name)
-        e.append(
-            Entry(
+        ),
+        *(
+            _entry(
                 name,
-                f"jaxce.{name}",
                 _ctc_inputs,
-                _no_reduction(fn),
                 ("logits", "logit_paddings", "labels", "label_paddings"),
                 (0,),
-                (
-                    ctc_reference
-                    if name == "ctc_loss"
-                    else lambda *a: (ctc_reference(*a), None, None)
-                ),
-                reductions=(None,),
+                reference,
+                reduction_name=None,
             )
-        )
-    e.append(
-        Entry(
+            for name, reference in (
+                ("ctc_loss", ctc_reference),
+                ("ctc_loss_with_forward_probs", lambda *a: (ctc_reference(*a), None, None)),
+            )
+        ),
+        _entry(
             "ntxent",
-            "jaxce.ntxent",
             _ntxent_inputs,
-            _no_reduction(lambda x, y, **o: jaxce.ntxent(x, y, **{"temperature": 0.5, **o})),
             ("embeddings", "labels"),
             (0,),
             lambda x, y: ntxent_reference(x, y, 0.5),
-            reductions=(None,),
+            reduction_name=None,
+            options={"temperature": 0.5},
             per_example=False,
             domains=(("temperature", 0.0),),
-        )
-    )
-    e.append(
-        Entry(
+        ),
+        _entry(
             "weighted_mean",
-            "jaxce.weighted_mean",
-            lambda r, n: (r.normal(size=n), _weights(r, n)),
-            _no_reduction(jaxce.weighted_mean),
+            _drawn(lambda r, n: r.normal(size=n), _weights),
             ("total", "weight"),
             (0, 1),
             lambda t, w: t / w,
-            reductions=(None,),
+            reduction_name=None,
             keeps_dtype=True,
-        )
-    )
-    return e
+        ),
+    ]
 
 
 def _fused_entries() -> list[Entry]:
-    e: list[Entry] = []
-
-    def fused_inputs(r, n):
-        return (
-            r.normal(size=(n, D)),
-            r.normal(size=(D, V)) / 2,
-            r.normal(size=V),
-            _labels(r, n, V),
-        )
-
-    e.append(
-        Entry(
+    fused = {"keywords": ((2, "bias"),), "batched": (0, 3), **_FUSED}
+    distill = {"batched": (0, 2), "identical": _same_fused, **_FUSED}
+    return [
+        _entry(
             "linear_softmax_cross_entropy",
-            "jaxce.linear_softmax_cross_entropy",
-            fused_inputs,
-            lambda h, w, b, y, reduction="none", **o: jaxce.linear_softmax_cross_entropy(
-                h, w, y, bias=b, reduction=reduction, **{"chunk_size": 3, **o}
-            ),
-            ("hidden", "weight", "bias", "labels"),
+            _fused_inputs,
+            _FUSED_NAMES,
             (0, 1, 2),
             lambda h, w, b, y: _ce_int(_linear_logits(h, w, b), y),
-            batched=(0, 3),
-            modes=("rev",),
+            options={"chunk_size": 3},
             domains=(("label_smoothing", 1.5), ("z_loss", -1.0), ("chunk_size", 0)),
-            unsupported=(_FORWARD_MODE,),
-        )
-    )
-
-    def aux_reference(h, w, b, y):
-        z = 3.0 * np.tanh(_linear_logits(h, w, b) / 3.0)
-        lse = np.log(np.sum(np.exp(z), -1))
-        loss = _ce_int(z, y) + 1e-2 * lse**2
-        return loss, (lse, 1e-2 * lse**2, np.argmax(z, -1))
-
-    e.append(
-        Entry(
+            **fused,
+        ),
+        _entry(
             "linear_softmax_cross_entropy[aux]",
-            "jaxce.linear_softmax_cross_entropy",
-            fused_inputs,
-            lambda h, w, b, y, reduction="none", **o: jaxce.linear_softmax_cross_entropy(
-                h,
-                w,
-                y,
-                bias=b,
-                reduction=reduction,
-                return_aux=True,
-                **{"chunk_size": 3, "logit_softcap": 3.0, "z_loss": 1e-2, **o},
-            ),  # fmt: skip
-            ("hidden", "weight", "bias", "labels"),
+            _fused_inputs,
+            _FUSED_NAMES,
             (0, 1, 2),
-            aux_reference,
-            batched=(0, 3),
-            modes=("rev",),
-            unsupported=(_FORWARD_MODE,),
-        )
-    )
-
-    def distill_inputs(r, n):
-        return (
-            r.normal(size=(n, D)),
-            r.normal(size=(D, V)) / 2,
-            r.normal(size=(n, D + 1)),
-            r.normal(size=(D + 1, V)) / 2,
-        )
-
-    e.append(
-        Entry(
+            _fused_aux_reference,
+            options={"return_aux": True, "chunk_size": 3, "logit_softcap": 3.0, "z_loss": 1e-2},
+            **fused,
+        ),
+        _entry(
             "linear_softmax_kl_divergence",
-            "jaxce.linear_softmax_kl_divergence",
-            distill_inputs,
-            lambda h, w, th, tw, reduction="none", **o: jaxce.linear_softmax_kl_divergence(
-                h, w, th, tw, reduction=reduction, **{"temperature": 2.0, "chunk_size": 3, **o}
-            ),
-            ("hidden", "weight", "target_hidden", "target_weight"),
+            _distill_inputs,
+            _DISTILL_NAMES,
             (0, 1, 2, 3),
             lambda h, w, th, tw: _softmax_kl(h @ w, th @ tw, 2.0),
-            batched=(0, 2),
-            modes=("rev",),
-            identical=lambda s: (s[:, :D], s[:D] / 2, s[:, :D], s[:D] / 2),
+            options={"temperature": 2.0, "chunk_size": 3},
             identical_options=({"temperature": 1.0}, {"temperature": 2.0}, {"temperature": 3.0}),
             domains=(("temperature", 0.0), ("chunk_size", 0)),
-            unsupported=(_FORWARD_MODE,),
-        )
-    )
-    e.append(
-        Entry(
+            **distill,
+        ),
+        _entry(
             "linear_js_divergence",
-            "jaxce.linear_js_divergence",
-            distill_inputs,
-            lambda h, w, th, tw, reduction="none", **o: jaxce.linear_js_divergence(
-                h, w, th, tw, reduction=reduction, **{"beta": 0.3, "chunk_size": 3, **o}
-            ),
-            ("hidden", "weight", "target_hidden", "target_weight"),
+            _distill_inputs,
+            _DISTILL_NAMES,
             (0, 1, 2, 3),
             lambda h, w, th, tw: _js(h @ w, th @ tw, 0.3),
-            batched=(0, 2),
-            modes=("rev",),
-            identical=lambda s: (s[:, :D], s[:D] / 2, s[:, :D], s[:D] / 2),
+            options={"beta": 0.3, "chunk_size": 3},
             identical_options=({"beta": 0.5}, {"beta": 0.3, "temperature": 2.0}),
             domains=(("beta", 1.5), ("temperature", -1.0)),
-            unsupported=(_FORWARD_MODE,),
-        )
-    )
-    return e
+            **distill,
+        ),
+    ]
 
 
 def _pytorch_entries() -> list[Entry]:
+    torch = {"unsupported": (_NO_SUM_AND_WEIGHT,), **_TORCH}
     e: list[Entry] = []
-    common = dict(reductions=_TORCH_REDUCTIONS, empty_reduced=_TORCH_EMPTY)
-    for name, cls in (("cross_entropy", "CrossEntropyLoss"), ("nll_loss", "NLLLoss")):
-        log_probs = name == "nll_loss"
-        inputs = (
-            (lambda r, n: (log_softmax(_logits(r, n)), _labels(r, n)))
-            if log_probs
-            else (lambda r, n: (_logits(r, n), _labels(r, n)))
-        )
-        ref = (
-            (lambda lp, y: -np.take_along_axis(lp, y[:, None].astype(int), -1)[:, 0])
-            if log_probs
-            else _ce_int
-        )
-        domains = () if log_probs else (("label_smoothing", 1.5),)
-        for public, call in (
-            (name, _reduced(getattr(pytorch, name))),
-            (cls, _module(getattr(pytorch, cls))),
-        ):
-            e.append(
-                Entry(
-                    f"pytorch.{public}",
-                    f"jaxce.pytorch.{public}",
-                    inputs,
-                    call,
-                    ("input", "target"),
-                    (0,),
-                    ref,
-                    domains=domains,
-                    unsupported=(_NO_SUM_AND_WEIGHT,),
-                    **common,
-                )
+    for public in ("cross_entropy", "CrossEntropyLoss", "nll_loss", "NLLLoss"):
+        log_probs = public in ("nll_loss", "NLLLoss")
+        e.append(
+            _entry(
+                f"pytorch.{public}",
+                _LOG_PROBS_LABELS if log_probs else _LOGITS_LABELS,
+                ("input", "target"),
+                (0,),
+                _nll if log_probs else _ce_int,
+                domains=() if log_probs else (("label_smoothing", 1.5),),
+                **torch,
             )
-    for public, call in (
-        ("binary_cross_entropy", _reduced(pytorch.binary_cross_entropy)),
-        ("BCELoss", _module(pytorch.BCELoss)),
+        )
+    for public, inputs, reference, extra in (
+        ("binary_cross_entropy", _probabilities_and_labels, _bce, {"eager_checks": True}),
+        ("BCELoss", _probabilities_and_labels, _bce, {"eager_checks": True}),
+        ("binary_cross_entropy_with_logits", _binary, _sigmoid_bce, {}),
+        ("BCEWithLogitsLoss", _binary, _sigmoid_bce, {}),
     ):
         e.append(
-            Entry(
+            _entry(
                 f"pytorch.{public}",
-                f"jaxce.pytorch.{public}",
-                _probabilities_and_labels,
-                call,
+                inputs,
                 ("input", "target"),
                 (0, 1),
-                _bce,
-                unsupported=(_NO_SUM_AND_WEIGHT,),
-                eager_checks=True,
-                **common,
+                reference,
+                **extra,
+                **torch,
             )
         )
-    for public, call in (
-        ("binary_cross_entropy_with_logits", _reduced(pytorch.binary_cross_entropy_with_logits)),
-        ("BCEWithLogitsLoss", _module(pytorch.BCEWithLogitsLoss)),
-    ):
-        e.append(
-            Entry(
-                f"pytorch.{public}",
-                f"jaxce.pytorch.{public}",
-                _binary,
-                call,
-                ("input", "target"),
-                (0, 1),
-                _sigmoid_bce,
-                unsupported=(_NO_SUM_AND_WEIGHT,),
-                **common,
-            )
-        )
-    for public, call in (
-        ("kl_div", _reduced(pytorch.kl_div)),
-        ("KLDivLoss", _module(pytorch.KLDivLoss)),
-    ):
+    for public in ("kl_div", "KLDivLoss"):
         for log_target in (False, True):
             e.append(
-                Entry(
+                _entry(
                     f"pytorch.{public}[log_target={log_target}]",
-                    f"jaxce.pytorch.{public}",
-                    (
-                        (lambda r, n: (log_softmax(_logits(r, n)), np.log(_probs(r, n))))
-                        if log_target
-                        else (lambda r, n: (log_softmax(_logits(r, n)), _probs(r, n)))
-                    ),
-                    (
-                        lambda q, p, reduction="mean", _c=call, _lt=log_target, **o: _c(
-                            q, p, reduction=reduction, log_target=_lt, **o
-                        )
-                    ),
+                    _LOG_PREDICTIONS_LOG_PROBS if log_target else _LOG_PREDICTIONS_PROBS,
                     ("input", "target"),
                     (0, 1),
                     (
@@ -792,14 +774,11 @@ def _pytorch_entries() -> list[Entry]:
                         if log_target
                         else (lambda lq, p: xlogy(p, np.log(p)) - p * lq)
                     ),
-                    identical=(
-                        (lambda s: (log_softmax(s), log_softmax(s)))
-                        if log_target
-                        else (lambda s: (log_softmax(s), _softmax(s)))
-                    ),
+                    options={"log_target": log_target},
+                    identical=_log_and_log if log_target else _log_and_probs,
                     exact=log_target,
                     reductions=("none", "sum", "mean", "batchmean"),
-                    empty_reduced={"sum": 0.0, "mean": float("nan"), "batchmean": float("nan")},
+                    empty_reduced={"sum": 0.0, "mean": math.nan, "batchmean": math.nan},
                     unsupported=(_NO_SUM_AND_WEIGHT,),
                 )
             )
@@ -811,17 +790,16 @@ def _sklearn_entries() -> list[Entry]:
         return jsk.log_loss(y, p, normalize=reduction == "mean", labels=tuple(range(C)), **o)
 
     return [
-        Entry(
+        _entry(
             "sklearn.log_loss",
-            "jaxce.sklearn.log_loss",
-            lambda r, n: (_labels(r, n), _probs(r, n)),
-            call,
+            _drawn(_labels, _probs),
             ("y_true", "y_proba"),
             (1,),
             lambda y, p: log_loss_reference(y, p, np.arange(C)),
+            call=call,
             reductions=("mean", "sum"),
             per_example=False,
-            empty_reduced={"sum": 0.0, "mean": float("nan")},
+            empty_reduced={"sum": 0.0, "mean": math.nan},
             eager_checks=True,
         )
     ]
@@ -831,130 +809,70 @@ def _sklearn_entries() -> list[Entry]:
 # Entries written from API.md "Post-training"; each activates when its name exists in jaxce.
 
 
-def _pending(name):
-    """The public function ``jaxce.<name>`` looked up at call time (it may not exist yet)."""
-
-    def f(*args, **kwargs):
-        return getattr(jaxce, name)(*args, **kwargs)
-
-    return f
-
-
-def _sequence_inputs(rng, n, t=4):
-    """Per-token log-probabilities of ``n`` sequences of ``t`` tokens."""
-    return -rng.uniform(0.2, 3.0, size=(n, t))
-
-
-def _token_mask(rng, n, t=4):
-    """A boolean token mask; the first sequence keeps all its tokens (the NaN cells put
-    their NaN there)."""
-    mask = rng.uniform(size=(n, t)) > 0.3
-    mask[:1] = True
-    return mask
-
-
 def _posttrain_entries() -> list[Entry]:
-    e: list[Entry] = []
-    lp_fn = _pending("linear_log_probs")
-
-    def fused_inputs(r, n):
-        return (
-            r.normal(size=(n, D)),
-            r.normal(size=(D, V)) / 2,
-            r.normal(size=V),
-            _labels(r, n, V),
-        )
-
-    e.append(
-        Entry(
+    log_probs = {"reduction_name": None, "keywords": ((2, "bias"),), "batched": (0, 3), **_FUSED}
+    e = [
+        _entry(
             "linear_log_probs",
-            "jaxce.linear_log_probs",
-            fused_inputs,
-            _no_reduction(lambda h, w, b, y, **o: lp_fn(h, w, y, bias=b, **{"chunk_size": 3, **o})),
-            ("hidden", "weight", "bias", "labels"),
+            _fused_inputs,
+            _FUSED_NAMES,
             (0, 1, 2),
             lambda h, w, b, y: -_ce_int(_linear_logits(h, w, b), y),
-            reductions=(None,),
-            batched=(0, 3),
-            modes=("rev",),
+            options={"chunk_size": 3},
             domains=(("temperature", 0.0), ("chunk_size", 0)),
-            unsupported=(_FORWARD_MODE,),
             needs="linear_log_probs",
-        )
-    )
-
-    def entropy_reference(h, w, b, y):
-        z = 3.0 * np.tanh(_linear_logits(h, w, b) / 3.0) / 1.5
-        return -_ce_int(z, y), _entropy(z)
-
-    e.append(
-        Entry(
+            **log_probs,
+        ),
+        _entry(
             "linear_log_probs[entropy]",
-            "jaxce.linear_log_probs",
-            fused_inputs,
-            _no_reduction(
-                lambda h, w, b, y, **o: lp_fn(
-                    h,
-                    w,
-                    y,
-                    bias=b,
-                    return_entropy=True,
-                    **{"chunk_size": 3, "temperature": 1.5, "logit_softcap": 3.0, **o},
-                )
-            ),  # fmt: skip
-            ("hidden", "weight", "bias", "labels"),
+            _fused_inputs,
+            _FUSED_NAMES,
             (0, 1, 2),
-            entropy_reference,
-            reductions=(None,),
-            batched=(0, 3),
-            modes=("rev",),
-            unsupported=(_FORWARD_MODE,),
+            _fused_entropy_reference,
+            options={
+                "return_entropy": True,
+                "chunk_size": 3,
+                "temperature": 1.5,
+                "logit_softcap": 3.0,
+            },
             needs="linear_log_probs",
-        )
-    )
-    skl = _pending("sampled_kl_divergence")
-    for est, ref in (
+            **log_probs,
+        ),
+    ]
+    for estimator, reference in (
         ("k1", lambda lp, rp: lp - rp),
         ("k2", lambda lp, rp: (rp - lp) ** 2 / 2),
         ("k3", lambda lp, rp: np.expm1(rp - lp) - (rp - lp)),
     ):
         e.append(
-            Entry(
-                f"sampled_kl_divergence[{est}]",
-                "jaxce.sampled_kl_divergence",
-                lambda r, n: (_sequence_inputs(r, n), _sequence_inputs(r, n)),
-                _no_reduction(lambda lp, rp, _e=est, **o: skl(lp, rp, **{"estimator": _e, **o})),
+            _entry(
+                f"sampled_kl_divergence[{estimator}]",
+                _drawn(_sequence_inputs, _sequence_inputs),
                 ("log_probs", "ref_log_probs"),
                 (0, 1),
-                ref,
-                reductions=(None,),
-                identical=lambda s: (log_softmax(s), log_softmax(s)),
-                exact=True,
+                reference,
+                reduction_name=None,
+                options={"estimator": estimator},
+                identical=_log_and_log,
                 domains=(("estimator", "k4"),),
                 needs="sampled_kl_divergence",
             )
         )
-    sr = _pending("sequence_reduce")
-    for red in ("sum", "mean"):
+    for reduction, reference in (("sum", _sequence_sum), ("mean", _sequence_mean)):
         e.append(
-            Entry(
-                f"sequence_reduce[{red}]",
-                "jaxce.sequence_reduce",
-                lambda r, n: (_sequence_inputs(r, n), _token_mask(r, n)),
-                _no_reduction(lambda v, m, _r=red, **o: sr(v, m, **{"reduction": _r, **o})),
+            _entry(
+                f"sequence_reduce[{reduction}]",
+                _drawn(_sequence_inputs, _token_mask),
                 ("values", "where"),
                 (0,),
-                (
-                    (lambda v, m: np.sum(v * m, -1))
-                    if red == "sum"
-                    else (lambda v, m: np.sum(v * m, -1) / np.maximum(m.sum(-1), 1))
-                ),
-                reductions=(None,),
+                reference,
+                reduction_name=None,
+                options={"reduction": reduction},
                 nan_args=(),
                 unsupported=(
                     Unsupported(
                         "reduction-max",
-                        lambda e, a: sr(*a, reduction="max"),
+                        _direct_raises("sequence_reduce", reduction="max"),
                         ValueError,
                         "reduction",
                         "per-sequence sums and token means only (API.md, Post-training)",
@@ -963,119 +881,54 @@ def _posttrain_entries() -> list[Entry]:
                 needs="sequence_reduce",
             )
         )
-
-    def pairs(r, n):
-        return tuple(_sequence_inputs(r, n, 1)[:, 0] for _ in range(4))
-
-    def dpo_ref(c, rj, rc, rr, beta=0.1, eps=0.0):
-        m = beta * ((c - rc) - (rj - rr))
-        return -(1 - eps) * _log_sigmoid(m) - eps * _log_sigmoid(-m)
-
-    dpo = _pending("dpo_loss")
-    for loss_type, ref in (
-        ("sigmoid", lambda c, rj, rc, rr: dpo_ref(c, rj, rc, rr, 0.1, 0.1)),
-        ("ipo", lambda c, rj, rc, rr: ((c - rc) - (rj - rr) - 1 / 0.2) ** 2),
+    for loss_type, label_smoothing, reference in (
+        ("sigmoid", 0.1, _dpo_reference(0.1, 0.1)),
+        ("ipo", 0.0, _ipo_reference),
     ):
         e.append(
-            Entry(
+            _entry(
                 f"dpo_loss[{loss_type}]",
-                "jaxce.dpo_loss",
-                pairs,
-                lambda c, rj, rc, rr, reduction="none", _t=loss_type, **o: dpo(
-                    c,
-                    rj,
-                    rc,
-                    rr,
-                    reduction=reduction,
-                    **{
-                        "beta": 0.1,
-                        "loss_type": _t,
-                        "label_smoothing": 0.1 * (_t == "sigmoid"),
-                        **o,
-                    },
-                ),  # fmt: skip
-                (
-                    "chosen_log_probs",
-                    "rejected_log_probs",
-                    "ref_chosen_log_probs",
-                    "ref_rejected_log_probs",
-                ),
+                _pairs,
+                _PAIR_NAMES,
                 (0, 1, 2, 3),
-                ref,
-                reductions=("none", "sum", "mean"),
+                reference,
+                options={"beta": 0.1, "loss_type": loss_type, "label_smoothing": label_smoothing},
+                reductions=_PREFERENCE_REDUCTIONS,
                 domains=(("beta", 0.0), ("label_smoothing", 1.5), ("loss_type", "nope")),
                 needs="dpo_loss",
             )
         )
-
-    def simpo_ref(c, rj):
-        m = 2.0 * (c - rj) - 0.5
-        return -_log_sigmoid(m)
-
-    e.append(
-        Entry(
-            "simpo_loss",
-            "jaxce.simpo_loss",
-            lambda r, n: pairs(r, n)[:2],
-            _reduced(_pending("simpo_loss")),
-            ("chosen_log_probs", "rejected_log_probs"),
-            (0, 1),
-            simpo_ref,
-            reductions=("none", "sum", "mean"),
-            domains=(("beta", 0.0), ("label_smoothing", 1.5)),
-            needs="simpo_loss",
+    for name, reference, domains in (
+        ("simpo_loss", _simpo_reference, (("beta", 0.0), ("label_smoothing", 1.5))),
+        ("orpo_loss", _orpo_reference, (("beta", 0.0),)),
+    ):
+        e.append(
+            _entry(
+                name,
+                lambda r, n: _pairs(r, n)[:2],
+                _PAIR_NAMES[:2],
+                (0, 1),
+                reference,
+                reductions=_PREFERENCE_REDUCTIONS,
+                domains=domains,
+                needs=name,
+            )
         )
-    )
-
-    def orpo_ref(c, rj):
-        log_odds = (c - rj) - (np.log(-np.expm1(c)) - np.log(-np.expm1(rj)))
-        return -0.1 * _log_sigmoid(log_odds)
-
     e.append(
-        Entry(
-            "orpo_loss",
-            "jaxce.orpo_loss",
-            lambda r, n: pairs(r, n)[:2],
-            _reduced(_pending("orpo_loss")),
-            ("chosen_log_probs", "rejected_log_probs"),
-            (0, 1),
-            orpo_ref,
-            reductions=("none", "sum", "mean"),
-            domains=(("beta", 0.0),),
-            needs="orpo_loss",
-        )
-    )
-    pg = _pending("policy_gradient_loss")
-
-    def pg_inputs(r, n):
-        lp = _sequence_inputs(r, n)
-        old = lp + r.normal(size=lp.shape) * 0.1  # ratios inside and outside the clip range
-        return lp, old, r.normal(size=n), _token_mask(r, n)
-
-    def pg_ref(lp, old, a, m):
-        ratio = np.exp(lp - old)
-        adv = a[:, None]
-        per_token = -np.minimum(ratio * adv, np.clip(ratio, 0.8, 1.2) * adv)
-        return np.where(m, per_token, 0.0)
-
-    e.append(
-        Entry(
+        _entry(
             "policy_gradient_loss",
-            "jaxce.policy_gradient_loss",
-            pg_inputs,
-            lambda lp, old, a, m, reduction="none", **o: pg(
-                lp, old, a, m, aggregation=reduction, **o
-            ),
+            _policy_inputs,
             ("log_probs", "old_log_probs", "advantages", "where"),
             (0, 2),
-            pg_ref,
+            _policy_reference,
+            reduction_name="aggregation",
             reductions=("none", "token_mean", "sequence_mean", "sum_and_weight"),
             nan_args=(0, 1, 2),
             domains=(("clip_epsilon", -0.1), ("kl_coef", -1.0)),
             unsupported=(
                 Unsupported(
                     "aggregation-max",
-                    lambda e, a: pg(*a, aggregation="max"),
+                    _direct_raises("policy_gradient_loss", aggregation="max"),
                     ValueError,
                     "aggregation",
                     "the five documented aggregations only (API.md, Post-training)",
