@@ -1,16 +1,18 @@
 """The conformance matrix's ``shard_map`` cells: the fused losses with ``axis_name``.
 
-Run as a script on ``N`` host devices (``tests/test_conformance.py`` does, once per device
-count, because the count is fixed when JAX starts)::
+Run as a script on host devices (``tests/test_conformance.py`` does, in a subprocess with 4,
+because the count is fixed when JAX starts)::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/conformance_sharded_check.py
 
 For every fused function, every reduction (or output) and two option sets (none; and bias,
 soft cap, a vocabulary padded up to the shards with ``vocab_size``, ``return_aux`` and the
-rest), it runs the function inside ``jax.shard_map`` with the vocabulary sharded over all
-devices and compares the values and the gradients (a random cotangent through every float
-output, ``"none"`` included) with the unsharded call. It prints one JSON line per case,
-``{"case": ..., "result": "ok" or the error}``, and exits 1 if any case failed.
+rest), it runs the function inside ``jax.shard_map`` with the vocabulary sharded over a mesh
+of each of ``DEVICE_COUNTS`` devices (those the process has) and compares the values and the
+gradients (a random cotangent through every float output, ``"none"`` included) with the
+unsharded call, which is computed once for all the meshes. It prints one JSON line per case
+and device count, ``{"case": ..., "devices": N, "result": "ok" or the error}``, and exits 1
+if any case failed.
 """
 
 from __future__ import annotations
@@ -119,8 +121,10 @@ def _split(tree):
     return floats, ints
 
 
-def run_group(name, reductions, config, devices):
-    """Checks ``reductions`` of one function and option set (all in one ``jit`` per side)."""
+def run_group(name, reductions, config, device_counts):
+    """Checks ``reductions`` of one function and option set on a mesh of each of
+    ``device_counts`` devices (all reductions in one ``jit`` per side; the unsharded side once):
+    ``{devices: "ok" or the error}``."""
     fn, _, diff = FUNCTIONS[name]
     extra = config != "plain"
     vocab = V_ODD if extra else V_EVEN
@@ -128,31 +132,9 @@ def run_group(name, reductions, config, devices):
     if not extra:
         a["y"][1] = 3  # no ignore_index: every label a real class
     diff = diff if extra else tuple(k for k in diff if k not in ("b", "tb"))
-    padded_vocab = -(-vocab // devices) * devices
-    padded = dict(a)
-    for k, axis in COLUMNS.items():
-        width = [(0, 0)] * a[k].ndim
-        width[axis] = (0, padded_vocab - vocab)
-        padded[k] = np.pad(a[k], width)
 
     def unsharded(reduction, *xs):
         return _split(fn({**a, **dict(zip(diff, xs, strict=True))}, reduction, extra, None, None))
-
-    mesh = jax.make_mesh((devices,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
-    keys = sorted(padded)
-    specs = tuple(
-        (P(None, "model") if COLUMNS[k] == 1 else P("model")) if k in COLUMNS else P() for k in keys
-    )
-
-    def sharded(reduction, *xs):
-        full = {**padded, **dict(zip(diff, xs, strict=True))}
-        sharded_vocab = vocab if extra else None
-
-        def local(*ys):
-            return fn(dict(zip(keys, ys, strict=True)), reduction, extra, "model", sharded_vocab)
-
-        body = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())
-        return _split(body(*(full[k] for k in keys)))
 
     def run(f, xs):
         def go(*xs):
@@ -168,9 +150,55 @@ def run_group(name, reductions, config, devices):
         return jax.jit(go)(*xs)
 
     want = run(unsharded, [a[k] for k in diff])
-    got = run(sharded, [padded[k] for k in diff])
-    for got_r, want_r in zip(got, want, strict=True):
-        _compare(got_r, want_r, diff, vocab)
+    results = {}
+    for devices in device_counts:
+        try:
+            padded = _padded(a, vocab, devices)
+            got = run(_sharded(fn, padded, diff, extra, vocab, devices), [padded[k] for k in diff])
+            for got_r, want_r in zip(got, want, strict=True):
+                _compare(got_r, want_r, diff, vocab)
+            results[devices] = "ok"
+        except Exception as err:  # noqa: BLE001 - reported for its device count
+            results[devices] = _error(err)
+    return results
+
+
+def _padded(a, vocab, devices):
+    """The inputs with the vocabulary axis padded with zeros up to a multiple of ``devices``."""
+    padded_vocab = -(-vocab // devices) * devices
+    padded = dict(a)
+    for k, axis in COLUMNS.items():
+        width = [(0, 0)] * a[k].ndim
+        width[axis] = (0, padded_vocab - vocab)
+        padded[k] = np.pad(a[k], width)
+    return padded
+
+
+def _sharded(fn, padded, diff, extra, vocab, devices):
+    """``(reduction, *xs) -> outputs``: ``fn`` inside ``shard_map`` over the first
+    ``devices`` devices, the vocabulary sharded."""
+    mesh = jax.make_mesh(
+        (devices,),
+        ("model",),
+        axis_types=(jax.sharding.AxisType.Auto,),
+        devices=jax.devices()[:devices],
+    )
+    keys = sorted(padded)
+    specs = tuple(
+        (P(None, "model") if COLUMNS[k] == 1 else P("model")) if k in COLUMNS else P() for k in keys
+    )
+
+    def sharded(reduction, *xs):
+        full = {**padded, **dict(zip(diff, xs, strict=True))}
+        sharded_vocab = vocab if extra else None
+
+        def local(*ys):
+            return fn(dict(zip(keys, ys, strict=True)), reduction, extra, "model", sharded_vocab)
+
+        body = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())
+        return _split(body(*(full[k] for k in keys)))
+
+    return sharded
 
 
 def _compare(got, want, diff, vocab):
@@ -195,29 +223,33 @@ def _error(err):
 
 
 def main():
-    """One ``jit`` per function and option set; on a failure, each reduction alone, so that
-    the failing cells name their reduction."""
-    devices = len(jax.devices())
+    """One ``jit`` per function, option set and side; where a device count fails, each
+    reduction alone on it, so that the failing cells name their reduction."""
+    counts = [n for n in DEVICE_COUNTS if n <= len(jax.devices())]
     failed = False
     for name, (_, reductions, _) in FUNCTIONS.items():
         if not hasattr(jaxce, name):
             continue
         for config in CONFIGS:
             try:
-                run_group(name, reductions, config, devices)
-                results = dict.fromkeys(reductions, "ok")
-            except Exception:  # noqa: BLE001 - attributed to its reductions below
-                results = {}
-                for reduction in reductions:
-                    try:
-                        run_group(name, (reduction,), config, devices)
-                        results[reduction] = "ok"
-                    except Exception as err:  # noqa: BLE001 - every failure is reported
-                        results[reduction] = _error(err)
-            for reduction, result in results.items():
-                failed |= result != "ok"
-                case = f"{name}-{reduction}-{config}"
-                print(json.dumps({"case": case, "result": result}), flush=True)
+                grouped = run_group(name, reductions, config, counts)
+            except Exception as err:  # noqa: BLE001 - the unsharded side: retried below
+                grouped = dict.fromkeys(counts, _error(err))
+            for devices in counts:
+                results = dict.fromkeys(reductions, grouped[devices])
+                if grouped[devices] != "ok":
+                    for reduction in reductions:
+                        try:
+                            results[reduction] = run_group(name, (reduction,), config, [devices])[
+                                devices
+                            ]
+                        except Exception as err:  # noqa: BLE001 - every failure is reported
+                            results[reduction] = _error(err)
+                for reduction, result in results.items():
+                    failed |= result != "ok"
+                    case = f"{name}-{reduction}-{config}"
+                    line = {"case": case, "devices": devices, "result": result}
+                    print(json.dumps(line), flush=True)
     sys.exit(1 if failed else 0)
 
 
