@@ -42,6 +42,7 @@ from jaxce import _api, _checks, _reduce, _stream, _vocab
 from jaxce._checks import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, Reduction
 
 Array: TypeAlias = jax.Array
+Loss: TypeAlias = Array | tuple[Array, Array]  # the pair for reduction="sum_and_weight"
 ArrayLike: TypeAlias = jax.typing.ArrayLike
 
 # Smallest automatic token tile for which the gradient-in-forward path is taken.
@@ -438,7 +439,7 @@ def linear_softmax_cross_entropy(
     axis_name: str | None = None,
     vocab_size: int | None = None,
     return_aux: bool = False,
-):
+) -> Loss | tuple[Loss, LinearCrossEntropyAux]:
     r"""Softmax cross-entropy of ``hidden @ weight + bias`` without materialising the logits.
 
     For a token with hidden state :math:`h`, label :math:`y`, :math:`V` classes, class weights
