@@ -6,6 +6,7 @@ The float64 references themselves live in ``reference.py``, which imports only N
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -188,3 +189,20 @@ def run_host_devices_script(name: str, count: int, timeout_s: float = 600) -> li
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout.split()
+
+
+# ----------------------------------------------------------------------------- the examples
+
+EXAMPLES_DIR = TESTS_DIR.parent / "examples"
+
+
+def load_example(name: str):
+    """``examples/<name>.py`` loaded from its file (the scripts are not a package), with
+    ``examples/`` on ``sys.path`` for their shared ``_training_support``, as ``python
+    examples/<name>.py`` has it."""
+    if str(EXAMPLES_DIR) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES_DIR))
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,32 +1,19 @@
 """Smoke test for ``examples/distill_lm.py``: a few steps, the losses fall, files are written."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
-
-EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "distill_lm.py"
+from helpers import load_example
 
 pytest.importorskip("flax")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 
-def load_example():
-    if str(EXAMPLE.parent) not in sys.path:  # for the shared _training_support
-        sys.path.insert(0, str(EXAMPLE.parent))
-    spec = importlib.util.spec_from_file_location("examples_distill_lm", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_distill_lm_smoke(tmp_path):
     args = ["--steps", "12", "--batch-size", "8", "--seq-len", "32", "--eval-every", "6"]
-    metrics = load_example().main([*args, "--no-progress", "--out", str(tmp_path)])
+    metrics = load_example("distill_lm").main([*args, "--no-progress", "--out", str(tmp_path)])
     assert metrics["steps"] == 12 and metrics["teacher_steps"] == 24
     assert metrics["last_loss"] < metrics["first_loss"], metrics  # the distillation KL fell
     assert metrics["teacher_last_loss"] < metrics["teacher_first_loss"], metrics

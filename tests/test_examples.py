@@ -8,7 +8,6 @@ fell, that the metrics and figure were written and that the summary line was pri
 checks the held-out accuracy it promises.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -18,26 +17,17 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import load_example
 
 nnx = pytest.importorskip("flax.nnx")
 optax = pytest.importorskip("optax")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
 SCRIPTS = ("classify_digits", "segment_shapes", "distill", "tiny_lm", "grpo_tiny_lm")
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
-
-
-def load_example(name: str):
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_example(name: str, options: str, out: pathlib.Path, capsys) -> tuple[dict, str]:

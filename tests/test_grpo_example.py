@@ -1,16 +1,12 @@
 """Tests for ``examples/grpo_tiny_lm.py``: its pieces, and short GRPO and DPO runs."""
 
-import importlib.util
 import json
 import math
-import pathlib
 import re
-import sys
 
 import numpy as np
 import pytest
-
-EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "grpo_tiny_lm.py"
+from helpers import load_example as load_helper_example
 
 nnx = pytest.importorskip("flax.nnx")
 pytest.importorskip("optax")
@@ -36,12 +32,7 @@ SUMMARY = re.compile(
 
 
 def load_example():
-    if str(EXAMPLE.parent) not in sys.path:  # for the shared _training_support
-        sys.path.insert(0, str(EXAMPLE.parent))
-    spec = importlib.util.spec_from_file_location("examples_grpo_tiny_lm", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_helper_example("grpo_tiny_lm")
 
 
 def test_group_advantages_are_normalised_within_each_group():
