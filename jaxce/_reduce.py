@@ -254,7 +254,8 @@ def take_vector(vector: Array, labels: Array) -> Array:
 
 def replicated(x: Array) -> Array:
     """``x`` whole on every device where its type says it is sharded (an Explicit mesh: an
-    all-gather, for computations that meet every example); else ``x``, for the partitioner."""
+    all-gather, for computations that meet every example); else ``x``, for the partitioner.
+    """
     if all(axis is None for axis in jax.typeof(x).sharding.spec):
         return x
     return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
