@@ -149,7 +149,8 @@ def ctc_loss_with_forward_probs(
     blank_log_probs = log_probs[:, :, blank_id]  # (B, T)
     # repeats[n]: y_{n+1} == y_n, so emitting[n] may not close into ready[n + 1] directly.
     repeats = jnp.concatenate(
-        [labels[:, 1:] == labels[:, :-1], jnp.zeros((batch, min(num_labels, 1)), bool)], axis=1
+        [labels[:, 1:] == labels[:, :-1], jnp.zeros_like(labels[:, : min(num_labels, 1)], bool)],
+        axis=1,
     ).astype(dtype)
 
     def close(ready, emitting, penalty):

@@ -26,9 +26,11 @@ DEVICES = 8
 
 
 def _run(out) -> dict:
+    env = host_devices_env(DEVICES)
+    env["XLA_FLAGS"] = " ".join([env["XLA_FLAGS"], *mesh_check.FAST_COMPILE])
     proc = subprocess.run(
         [sys.executable, str(TESTS_DIR / "mesh_check.py"), str(out)],
-        env=host_devices_env(DEVICES),
+        env=env,
         capture_output=True,
         text=True,
         timeout=900,
