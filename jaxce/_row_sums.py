@@ -318,7 +318,9 @@ def _entropy_rows_jvp(primals, tangents):
     h, m, log_z = out
     log_p = (x - m[..., None]) - log_z[..., None]
     p = jnp.exp(log_p)
-    slope = jnp.where(p == 0, _zero(p), p * (log_p + h[..., None]))
+    dead = p == 0  # log p may be -inf there: replaced before it is used
+    log_p = jnp.where(dead, _zero(p), log_p)
+    slope = jnp.where(dead, _zero(p), p * (log_p + h[..., None]))
     zero = jnp.zeros_like(h)
     return out, (-jnp.sum(slope * dx, axis=-1), zero, jnp.sum(p * dx, axis=-1))
 

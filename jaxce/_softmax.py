@@ -518,11 +518,12 @@ def poly_loss_cross_entropy(
 def _focal_factor(log_p: Array, gamma: Array) -> Array:
     """``(1 - p) ** gamma``, held constant where ``p`` underflows to 0.
 
-    There its true derivative is about ``gamma * p = 0``, and it would meet the infinite
-    cotangent of ``-log p`` (0 * inf = NaN) for logits near the dtype's limit.
+    There its true derivative is about ``gamma * p = 0``, and it would meet the cotangent
+    ``-log p``, which is infinite or (a logit near the dtype's limit, ``log p = -3e38``) so
+    large that times ``gamma`` it overflows: ``0 * inf = NaN``.
     """
     factor = _numerics.focal_power(_numerics.log_one_minus_exp(log_p), gamma)
-    return jnp.where(log_p == -jnp.inf, jax.lax.stop_gradient(factor), factor)
+    return jnp.where(jnp.exp(log_p) == 0, jax.lax.stop_gradient(factor), factor)
 
 
 def _alpha_per_class(alpha, logits: _logits.Logits) -> Array:
