@@ -51,7 +51,16 @@ def _binary_inputs(
 def _sigmoid_ce(x: Array, y: Array, pos_weight: Array | None = None) -> Array:
     r"""``-(w y log sigmoid(x) + (1 - y) log(1 - sigmoid(x)))`` as two non-negative parts."""
     pos = y if pos_weight is None else pos_weight * y
-    return _numerics.weighted_softplus(pos, -x) + _numerics.weighted_softplus(1 - y, x)
+    neg = 1 - y
+    # softplus(+-x) = relu(+-x) + log1p(exp(-|x|)): one exp and one log1p for both terms.
+    # A zero weight on an infinite relu is 0 (replaced before multiplying: no NaN gradient).
+    # Both pieces split at x >= 0, so the derivative at x = 0 is softplus's (no tie).
+    zero = jnp.zeros((), x.dtype)
+    right = x >= 0
+    below = jnp.where(right | (pos == 0), zero, -x)
+    above = jnp.where(right & (neg != 0), x, zero)
+    magnitude = jnp.where(right, x, -x)
+    return pos * below + neg * above + (pos + neg) * jnp.log1p(jnp.exp(-magnitude))
 
 
 @overload

@@ -59,7 +59,8 @@ def ntxent(embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLike = 0.
     Returns:
       A scalar, float32 for half-precision ``embeddings``, else their dtype. With no positive
       pair (including an empty batch) the mean over no pairs is ``0`` with a zero gradient
-      (jaxce's rule; optax gives NaN).
+      (jaxce's rule; optax gives NaN). Embeddings without features (``D = 0``) raise
+      ``ValueError``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -76,6 +77,11 @@ def ntxent(embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLike = 0.
     labels = _checks.as_integer(labels, "labels")
     if embeddings.ndim != 2:
         raise ValueError(f"`embeddings` must have shape (N, D), got {embeddings.shape}.")
+    if embeddings.shape[1] == 0:
+        raise ValueError(
+            f"`embeddings` has shape {embeddings.shape}: the feature axis D is empty, and a "
+            "cosine similarity needs at least one feature."
+        )
     _checks.same_shape(labels, "labels", embeddings.shape[:1], "one label per embedding")
     dtype = _reduce.compute_dtype(embeddings.dtype)
     temperature, bad = _checks.hyperparameter(temperature, "temperature", dtype, POSITIVE)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxce import _api, _checks, _logits, _numerics, _reduce
+from jaxce import _api, _checks, _logits, _numerics, _reduce, _row_sums
 from jaxce._checks import POSITIVE, UNIT_INTERVAL, Reduction
 
 Array: TypeAlias = jax.Array
@@ -100,10 +100,7 @@ def entropy(
     prepared = _logits.prepare(logits, axis, where)
     weights = _logits.per_example_weights(prepared, sample_weights)
     prepared = prepared.neutralised(prepared.keep)
-    log_p = _logits.log_softmax(prepared.values, prepared.class_mask)
-    p = jnp.exp(log_p)
-    zero = jnp.zeros((), p.dtype)
-    h = _numerics.weighted_log_ratio(p, zero, log_p, _numerics.support(p, prepared.class_mask))
+    h = _row_sums.entropy(prepared.values)
     return _reduce.weigh_and_reduce(h, weights, reduction)
 
 
@@ -247,11 +244,9 @@ def kl_divergence(
     log_q, p, weights = _two_arrays(
         log_predictions, targets, axis, where, sample_weights, ("log_predictions", "targets")
     )
-    on_support = _numerics.support(p, log_q.class_mask)
-    log_p = _numerics.safe_log(p)
-    kl = _numerics.weighted_log_ratio(p, log_p, log_q.values, on_support)
-    bound = _numerics.rounding_bound(p, log_p, log_q.values, on_support, _eps(p))
-    return _reduce.weigh_and_reduce(_numerics.zero_within(kl, bound), weights, reduction)
+    # masked classes: log_q is -inf and p is 0 there (off the support)
+    kl = _row_sums.kl_with_targets(log_q.values, p)
+    return _reduce.weigh_and_reduce(kl, weights, reduction)
 
 
 @overload
@@ -424,36 +419,7 @@ def softmax_kl_divergence(
     )
     t, bad = _checks.hyperparameter(temperature, "temperature", student.dtype, POSITIVE)
     weights = weights.with_invalid(bad)
-    mask = student.class_mask
-    log_p = _logits.log_softmax(teacher, mask, t)
-    p = jnp.exp(log_p)
-    # Where p underflows to 0 its derivative is 0 to working precision, but the cotangent of
-    # -log q can overflow there (logits near the dtype's limit): 0 * inf would be NaN.
-    p = jnp.where(p == 0, jax.lax.stop_gradient(p), p)
-    on_support = _numerics.support(p, mask)
-    s = student.values / t
-    m, log_s = _logits.log_normalizer(s, mask)
-
-    # Termwise p_c (log p_c - log q_c) with -log q_c = log_s + 2 (m/2 - s_c/2): no difference
-    # of two large sums, and no overflow for logits of opposite signs near the dtype's limit.
-    def far():
-        return _numerics.weighted_log_ratio_halved(
-            p, log_p + log_s[..., None], m[..., None], s, on_support
-        )
-
-    # Rows whose logits differ by at most 1 (after scaling) take the centred form, exact to
-    # a relative error of about eps / |t - s| where the termwise sum only has eps * |log p|.
-    live = ~((student.values == -jnp.inf) & (teacher == -jnp.inf))
-    if mask is not None:
-        live = live & mask
-    d = teacher / t - s
-
-    def close():
-        q = jnp.exp((s - m[..., None]) - log_s[..., None])
-        return _numerics.centred_kl(p, q, d, live)[0]
-
-    kl = _numerics.by_rows(_numerics.near_rows(d, live), close, far, p.dtype)
-    kl = _numerics.divergence_floor(kl, _same_rows(student, teacher))
+    kl = _row_sums.softmax_kl(student.values / t, _masked(teacher, student.class_mask) / t)
     return _reduce.weigh_and_reduce(jnp.square(t) * kl, weights, reduction)
 
 
@@ -542,68 +508,22 @@ def js_divergence(
     )
     b, bad = _checks.hyperparameter(beta, "beta", first.dtype, UNIT_INTERVAL)
     weights = weights.with_invalid(bad)
-    mask = first.class_mask
-    log_p = _logits.log_softmax(first.values, mask)
-    log_q = _logits.log_softmax(second, mask)
-    p, q = jnp.exp(log_p), jnp.exp(log_q)
-
-    def far():
-        log_m = _numerics.log_add_exp(
-            _numerics.safe_log(b) + log_p, _numerics.safe_log(1 - b) + log_q
-        )
-        wp, wq = b * p, (1 - b) * q
-        return _numerics.weighted_log_ratio(
-            wp, log_p, log_m, _numerics.support(wp, mask)
-        ) + _numerics.weighted_log_ratio(wq, log_q, log_m, _numerics.support(wq, mask))
-
-    def close():
-        return _centred_js(first, second, b, p, q)[0]
-
-    live = ~((first.values == -jnp.inf) & (second == -jnp.inf))
-    if mask is not None:
-        live = live & mask
-    near = _numerics.near_rows(second - first.values, live)
-    js = _numerics.by_rows(near, close, far, p.dtype)
-    js = _numerics.divergence_floor(js, _same_rows(first, second))
+    second = _masked(second, first.class_mask)
+    rows = jnp.broadcast_to(b, first.batch_shape)
+    js = _row_sums.js_divergence(first.values, second, rows)
     return _reduce.weigh_and_reduce(js, weights, reduction)
 
 
-def _centred_js(first: _logits.Logits, second: Array, b: Array, p: Array, q: Array):
-    r"""``(JS, near)`` for rows whose logits differ by at most 1, in the centred form.
-
-    With :math:`e = x_q - x_p` and :math:`D = \operatorname{log1p}(\sum_c p_c
-    \operatorname{expm1}(e_c))`, :math:`d = e - D = \log q - \log p` exactly as a difference
-    of logits, and :math:`\log m - \log p = \operatorname{log1p}((1 - \beta)
-    \operatorname{expm1}(d))`, :math:`\log m - \log q = \operatorname{log1p}(\beta
-    \operatorname{expm1}(-d))`: no log-probability enters, so a small divergence keeps its
-    relative precision and identical logits give 0. Other rows: 0 with zero derivatives.
-    """
-    live = ~((first.values == -jnp.inf) & (second == -jnp.inf))
-    if first.class_mask is not None:
-        live = live & first.class_mask
-    zero = jnp.zeros((), p.dtype)
-    e = jnp.where(live, second - first.values, zero)
-    near = jnp.all(jnp.abs(e) <= 1, axis=-1)
-    e = jnp.where(near[..., None], e, zero)
-    shift = jnp.log1p(jnp.sum(jnp.where(live, p * jnp.expm1(e), zero), axis=-1))
-    d = e - shift[..., None]
-    to_m_from_p = jnp.log1p((1 - b) * jnp.expm1(d))
-    to_m_from_q = jnp.log1p(b * jnp.expm1(-d))
-    terms = b * p * to_m_from_p + (1 - b) * q * to_m_from_q
-    return -jnp.sum(jnp.where(live, terms, zero), axis=-1), near
+def _masked(values: Array, class_mask: Array | None) -> Array:
+    """``values`` with the classes ``class_mask`` leaves out at ``-inf`` (a second logits array)."""
+    if class_mask is None:
+        return values
+    return jnp.where(class_mask, values, jnp.full((), -jnp.inf, values.dtype))
 
 
 def _eps(x: Array) -> float:
     """The compute dtype's machine epsilon."""
     return float(jnp.finfo(x.dtype).eps)
-
-
-def _same_rows(first: _logits.Logits, second: Array) -> Array:
-    """Rows where the two class arrays are equal on every class ``where`` leaves in."""
-    equal = first.values == second
-    if first.class_mask is not None:
-        equal = equal | ~first.class_mask
-    return jnp.all(equal, axis=-1)
 
 
 def _broadcast_pair(a: Array, b: Array, names: tuple[str, str]) -> tuple[Array, Array]:

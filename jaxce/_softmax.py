@@ -12,7 +12,7 @@ from typing import Literal, TypeAlias, overload
 import jax
 import jax.numpy as jnp
 
-from jaxce import _api, _checks, _logits, _numerics, _reduce
+from jaxce import _api, _checks, _logits, _numerics, _reduce, _row_sums
 from jaxce._checks import NON_NEGATIVE, UNIT_INTERVAL, Reduction
 
 Array: TypeAlias = jax.Array
@@ -281,11 +281,14 @@ def softmax_cross_entropy(
     eps, z, weights = _options(weights, prepared.dtype, label_smoothing, z_loss)
     if eps is not None:
         t = (1 - eps) * t + eps / prepared.count(keepdims=True)
+        if prepared.class_mask is not None:  # the uniform part lands on kept classes only
+            t = jnp.where(prepared.class_mask, t, jnp.zeros((), t.dtype))
     if weights.class_weights is not None:
         t = t * _reduce.along_classes(weights.class_weights, t)
-    m, log_s = _logits.log_normalizer(prepared.values, prepared.class_mask)
-    loss = _numerics.neg_log_softmax_sum(t, prepared.values, m, log_s, prepared.class_mask)
-    loss = loss + _z_term(z, m, log_s)
+    # masked classes: their logits are -inf and their targets 0 (aligned), so they drop out
+    loss = _row_sums.cross_entropy(t, prepared.values)
+    if z is not None:
+        loss = loss + _z_term(z, *_logits.log_normalizer(prepared.values, prepared.class_mask))
     return _reduce.weigh_and_reduce(loss, weights, reduction)
 
 
@@ -515,11 +518,12 @@ def poly_loss_cross_entropy(
 def _focal_factor(log_p: Array, gamma: Array) -> Array:
     """``(1 - p) ** gamma``, held constant where ``p`` underflows to 0.
 
-    There its true derivative is about ``gamma * p = 0``, and it would meet the infinite
-    cotangent of ``-log p`` (0 * inf = NaN) for logits near the dtype's limit.
+    There its true derivative is about ``gamma * p = 0``, and it would meet the cotangent
+    ``-log p``, which is infinite or (a logit near the dtype's limit, ``log p = -3e38``) so
+    large that times ``gamma`` it overflows: ``0 * inf = NaN``.
     """
     factor = _numerics.focal_power(_numerics.log_one_minus_exp(log_p), gamma)
-    return jnp.where(log_p == -jnp.inf, jax.lax.stop_gradient(factor), factor)
+    return jnp.where(jnp.exp(log_p) == 0, jax.lax.stop_gradient(factor), factor)
 
 
 def _alpha_per_class(alpha, logits: _logits.Logits) -> Array:

@@ -116,6 +116,14 @@ def test_nan_propagates_and_bad_shapes_raise(rng):
         jaxce.ntxent(jnp.ones((4, 3), int), jnp.array([0, 0, 1, 1]))
 
 
+def test_zero_features_raise_naming_embeddings():
+    """D = 0 (no feature to normalise) is a shape error, not a NumPy crash in a reduction."""
+    with pytest.raises(ValueError, match=r"`embeddings` has shape \(4, 0\)"):
+        jaxce.ntxent(jnp.zeros((4, 0)), jnp.array([0, 0, 1, 1]))
+    with pytest.raises(ValueError, match="embeddings"):
+        jaxce.ntxent(jnp.zeros((0, 0)), jnp.zeros((0,), int))
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision(dtype, rng):
     labels = jnp.array([0, 0, 1, 1])

@@ -408,6 +408,20 @@ def test_softmax_focal_confident_prediction_has_zero_finite_gradient():
         assert np.all(np.isfinite(g)) and np.allclose(g, 0)
 
 
+def test_softmax_focal_gradient_at_dtype_max_logits():
+    """A logit at +-f32max: where p_y underflows to 0 the loss is -log p_y (~3.4e38, finite)
+    and the gradient is cross-entropy's, p - onehot (it was NaN: the focal factor's zero
+    derivative met gamma * 3.4e38 = inf); integer and one-hot labels agree."""
+    big = float(np.finfo(np.float32).max)
+    x = jnp.array([[big, 0.0, 1.0], [-big, 0.0, 1.0], [big, -big, 1.0]])
+    y = jnp.array([1, 0, 2])
+    for labels in (y, jax.nn.one_hot(y, 3)):
+        assert np.isfinite(jaxce.softmax_focal_loss(x, labels, gamma=2.0)).all()
+        g = jax.grad(lambda v, lab=labels: jaxce.softmax_focal_loss(v, lab, gamma=2.0).sum())(x)
+        want = np.asarray(jax.nn.softmax(x)) - np.asarray(jax.nn.one_hot(y, 3))
+        np.testing.assert_allclose(g, want, atol=1e-6)
+
+
 def test_poly_loss_matches_reference_and_grads():
     x, _, t, mask, *_ = softmax_data(17)
     lp = log_softmax(x)
