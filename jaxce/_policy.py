@@ -647,7 +647,10 @@ def _policy_term(
     if dual is not None:
         bounded = -dual * adv
         loss = jnp.where((adv < 0) & (bounded < loss), bounded, loss)
-        loss = jnp.where(jnp.isnan(dual), jnp.full((), jnp.nan, loss.dtype), loss)
+    # A NaN bound (traced, out of its domain) loses to the comparisons above: put it back.
+    for bound in (cap, dual):
+        if bound is not None:
+            loss = jnp.where(jnp.isnan(bound), jnp.full((), jnp.nan, loss.dtype), loss)
     return loss
 
 
@@ -1012,7 +1015,7 @@ def off_policy_sequence_mask(
     return lay.keep & ((adv >= 0) | (mean <= limit))
 
 
-@_api.public(static=("axis_name",))
+@_api.public(static=("axis_name",), domains={"fraction": UNIT_INTERVAL})
 def top_entropy_mask(
     entropy: ArrayLike,
     where: ArrayLike | None = None,
@@ -1037,7 +1040,7 @@ def top_entropy_mask(
 
     The mask is a constant under ``grad``. No kept token gives all ``False``; a NaN among the
     kept entropies makes the quantile NaN (as ``numpy.quantile``) and the mask all
-    ``False``. Positions are computed in the entropy's float dtype (float32 for half
+    ``False``, as does a traced ``fraction`` outside ``[0, 1]`` (a concrete one raises). Positions are computed in the entropy's float dtype (float32 for half
     precision), so for millions of tokens the interpolation weight is rounded to about
     ``1e-7 * count``.
 
@@ -1080,11 +1083,23 @@ def top_entropy_mask(
     return keep & (h >= threshold) & (count > 0)
 
 
+def _replicated(x: Array) -> Array:
+    """``x`` replicated where an Explicit mesh shards it (a sort needs its whole axis; under
+    Auto meshes and ``shard_map`` the values are left as they are).
+    """
+    spec = getattr(jax.typeof(x).sharding, "spec", None)
+    if spec is None or all(axis is None for axis in spec):
+        return x
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
 def _kept_quantile(values: Array, count: Array, level: Array) -> Array:
     """``numpy.quantile(kept, level)`` (linear) of the ``count`` kept ``values`` (the others
     are ``+inf``, sorted after them); NaN if a kept value is NaN.
     """
-    ordered = jnp.sort(values)
+    if values.size == 0:  # no token at all: nothing is kept
+        return jnp.full((), jnp.inf, values.dtype)
+    ordered = jnp.sort(_replicated(values))
     last = jnp.maximum(count - 1, 0)
     position = level * last.astype(values.dtype)
     below = jnp.clip(jnp.floor(position).astype(jnp.int32), 0, last)
