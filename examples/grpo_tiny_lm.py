@@ -26,7 +26,18 @@ on the final hidden states and the ``(D, V)`` output kernel, without materialisi
 
 the clipped surrogate of PPO with GRPO's per-sequence token mean and Schulman's ``k3``
 estimate of ``KL(policy || reference)`` as a penalty, taken ``--updates-per-batch`` times on
-each batch of samples (so that the importance ratio and its clipping are at work). The
+each batch of samples (so that the importance ratio and its clipping are at work), with the
+safe defaults (log-ratios clamped at +-20 before ``exp``) and a dual clip at 3.
+
+The sampler plays an inference engine whose numerics differ from the trainer's: it draws
+from a perturbed copy of the output kernel (``--engine-noise``, relative to the kernel's
+spread) and reports its own log-probabilities of what it drew. The trainer corrects the
+mismatch as TRL does by default, with
+
+    jaxce.rollout_importance_weights(old_log_probs, rollout_log_probs, completion_mask)
+
+(the sequence's ratio of the trainer's and the engine's probabilities, masked above 3),
+passed as ``token_weights``: they scale the policy term only. The
 sampling temperature is passed to ``linear_log_probs`` too: the log-probabilities must be those
 of the distribution the characters were drawn from.
 

@@ -162,6 +162,7 @@ OWN_OPTIONS = {
         "--kl-coef",
         "--clip-epsilon",
         "--beta",
+        "--engine-noise",
         "--updates-per-batch",
     ),
 }
