@@ -566,7 +566,7 @@ def policy_gradient_loss(
         dual_clip=dual_clip,
         ratio_cap=ratio_cap,
         loss_type=loss_type,
-        sapo_temperatures=tuple(sapo_temperatures),
+        sapo_temperatures=(sapo_temperatures[0], sapo_temperatures[1]),
         kl_importance_weighted=bool(kl_importance_weighted),
         token_weights=token_weights,
         return_sum_and_weight=bool(return_sum_and_weight),
@@ -730,7 +730,10 @@ def _policy_gradient_loss(
         cap = jnp.where(cap > 1 + high, cap, jnp.full((), jnp.nan, dtype))
     temperatures = None
     if loss_type == "sapo":
-        temperatures = tuple(hyper(t, "sapo_temperatures", POSITIVE) for t in sapo_temperatures)
+        temperatures = tuple(
+            _checks.nan_outside_domain(t, "sapo_temperatures", dtype, POSITIVE)
+            for t in sapo_temperatures
+        )
 
     # Dropped tokens are replaced before any arithmetic (the double-where trick).
     lp = lay.masked(lp.astype(dtype))
@@ -1040,9 +1043,9 @@ def top_entropy_mask(
 
     The mask is a constant under ``grad``. No kept token gives all ``False``; a NaN among the
     kept entropies makes the quantile NaN (as ``numpy.quantile``) and the mask all
-    ``False``, as does a traced ``fraction`` outside ``[0, 1]`` (a concrete one raises). Positions are computed in the entropy's float dtype (float32 for half
-    precision), so for millions of tokens the interpolation weight is rounded to about
-    ``1e-7 * count``.
+    ``False``, as does a traced ``fraction`` outside ``[0, 1]`` (a concrete one raises).
+    Positions are computed in the entropy's float dtype (float32 for half precision), so for
+    millions of tokens the interpolation weight is rounded to about ``1e-7 * count``.
 
     Args:
       entropy: ``(...)`` per-token entropies (e.g. from ``linear_log_probs(...,
