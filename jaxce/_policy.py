@@ -379,7 +379,10 @@ def policy_gradient_loss(
     **Safe at any ratio.** For finite inputs the loss and every gradient are finite and never
     NaN (a log-ratio of 100 with the clamp off overflows: ``max_log_ratio=None`` restores the
     unclamped formula). Where the clamp, a clip, the cap or the dual clip is active the
-    gradient is exactly 0.
+    gradient through the ratio is exactly 0 (CISPO's clipped weight is a constant by design:
+    its REINFORCE term keeps a gradient at every token). ``"cispo"``, ``"sequence_token"`` and
+    the ``"k1+"``/``"k3+"`` estimators have, by design, gradients that are not their values'
+    derivatives (a ``stop_gradient`` in the formula).
 
     ``aggregation`` (with :math:`M` the kept tokens of the batch, :math:`S` its sequences):
 
