@@ -18,7 +18,7 @@ where the log-probabilities and entropies come from:
 The old, reference and rollout log-probabilities are inputs (computed before the step, as in a
 trainer). Ratios are against the materialised path measured in the same run.
 
-    python benchmarks/policy.py [--reps 3] [--dtype float32] [--shape N,D,V ...]
+    python benchmarks/policy.py [--reps 3] [--dtype float32] [--shape N,D,V ...] [--memory-only]
 
 ``N`` is the number of completion tokens (``--seq`` tokens per completion). On an
 accelerator: ``python benchmarks/policy.py --dtype bfloat16 --shape 16384,4096,151936``.
@@ -89,6 +89,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
     parser.add_argument("--seq", type=int, default=512, help="tokens per completion")
+    parser.add_argument(
+        "--memory-only", action="store_true", help="compiled temporaries only, no timing"
+    )
     opts = parser.parse_args()
     dtype = jnp.dtype(opts.dtype)
     print(
@@ -104,6 +107,12 @@ def main():
         steps, temps = {}, {}
         for name, pair in (("materialised", dense_pair), ("fused", fused_pair)):
             steps[name], temps[name] = jax_step(grpo_objective(pair), args)
+        if opts.memory_only:
+            print(f"N={n} D={d} V={v}  compiled temporaries: " + ", ".join(
+                f"{k} {t / 2**20:.1f} MiB ({t / temps['materialised']:.3f} of mat)"
+                for k, t in temps.items()
+            ), flush=True)  # fmt: skip
+            continue
         times = interleaved_times(steps, opts.reps)
         med = {name: float(np.median(ts)) for name, ts in times.items()}
         digits = 2 if med["materialised"] >= 1 else 4  # an accelerator's times are ms
