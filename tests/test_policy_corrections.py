@@ -445,6 +445,7 @@ def test_top_entropy_mask_edges():
         jaxce.top_entropy_mask(np.ones(3, np.int32), fraction=0.5)
 
 
+@pytest.mark.slow  # a subprocess on 4 host devices: seconds of start-up and compilation
 def test_corrections_on_meshes_and_inside_shard_map():
     """top_entropy_mask's global quantile (jit on Explicit and Auto meshes, ``axis_name``
     inside shard_map), the other corrections and the loss with them, on 4 host devices."""
