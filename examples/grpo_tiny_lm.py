@@ -26,7 +26,18 @@ on the final hidden states and the ``(D, V)`` output kernel, without materialisi
 
 the clipped surrogate of PPO with GRPO's per-sequence token mean and Schulman's ``k3``
 estimate of ``KL(policy || reference)`` as a penalty, taken ``--updates-per-batch`` times on
-each batch of samples (so that the importance ratio and its clipping are at work). The
+each batch of samples (so that the importance ratio and its clipping are at work), with the
+safe defaults (log-ratios clamped at +-20 before ``exp``) and a dual clip at 3.
+
+The sampler plays an inference engine whose numerics differ from the trainer's: it draws
+from a perturbed copy of the output kernel (``--engine-noise``, relative to the kernel's
+spread) and reports its own log-probabilities of what it drew. The trainer corrects the
+mismatch as TRL does by default, with
+
+    jaxce.rollout_importance_weights(old_log_probs, rollout_log_probs, completion_mask)
+
+(the sequence's ratio of the trainer's and the engine's probabilities, masked above 3),
+passed as ``token_weights``: they scale the policy term only. The
 sampling temperature is passed to ``linear_log_probs`` too: the log-probabilities must be those
 of the distribution the characters were drawn from.
 
@@ -96,28 +107,49 @@ def pretrain_step(model, optimizer, inputs, labels):
 
 
 @nnx.jit(static_argnames="completion_len")
-def sample_completions(model: CharLM, prompts, key, temperature, completion_len: int):
-    """``(B, P + completion_len)`` tokens: each prompt followed by characters drawn from
-    ``softmax(logits / temperature)`` one at a time (a full forward pass per character: no KV
-    cache, which a model this small does not need)."""
+def sample_completions(
+    model: CharLM, prompts, key, temperature, completion_len: int, engine_noise=0.0
+):
+    """``(B, P + completion_len)`` tokens, each prompt followed by characters drawn one at a
+    time (a full forward pass per character: no KV cache, which a model this small does not
+    need), and the sampler's log-probabilities of them ``(B, P + completion_len - 1)`` (0 on
+    the prompt), as an inference engine reports them.
+
+    The "engine" samples from ``softmax(hidden @ kernel' / temperature)`` with a perturbed copy
+    of the output kernel, ``kernel' = kernel + engine_noise * std(kernel) * N(0, 1)``: the
+    mismatch between an inference engine's numerics (kernels, precision, quantisation) and
+    the trainer's, which the rollout importance weights correct (``engine_noise=0``: none).
+    """
     batch, prompt_len = prompts.shape
     tokens = jnp.zeros((batch, prompt_len + completion_len), jnp.int32)
     tokens = tokens.at[:, :prompt_len].set(prompts)
+    key, engine_key = jax.random.split(key)
+    kernel = model.kernel()
+    noise = jax.random.normal(engine_key, kernel.shape, kernel.dtype) * jnp.std(kernel)
+    engine_kernel = kernel + engine_noise * noise
+    rollout_log_probs = jnp.zeros((batch, prompt_len + completion_len - 1), jnp.float32)
 
     def draw(position, carry):  # the character at position + 1
-        tokens, key = carry
+        tokens, rollout_log_probs, key = carry
         hidden = model(tokens[:, :-1])  # (B, T - 1, D); causal: later positions do not matter
         last = jax.lax.dynamic_index_in_dim(hidden, position, axis=1, keepdims=False)  # (B, D)
         key, subkey = jax.random.split(key)
-        drawn = jax.random.categorical(subkey, (last @ model.kernel()) / temperature)  # (B,)
+        logits = (last @ engine_kernel) / temperature
+        drawn = jax.random.categorical(subkey, logits)  # (B,)
+        drawn_log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), drawn[:, None], -1)
         tokens = jax.lax.dynamic_update_slice_in_dim(
             tokens, drawn[:, None].astype(jnp.int32), position + 1, axis=1
         )
-        return tokens, key
+        rollout_log_probs = jax.lax.dynamic_update_slice_in_dim(
+            rollout_log_probs, drawn_log_prob.astype(jnp.float32), position, axis=1
+        )
+        return tokens, rollout_log_probs, key
 
     start, stop = prompt_len - 1, prompt_len + completion_len - 1
-    tokens, _ = jax.lax.fori_loop(start, stop, draw, (tokens, key))
-    return tokens
+    tokens, rollout_log_probs, _ = jax.lax.fori_loop(
+        start, stop, draw, (tokens, rollout_log_probs, key)
+    )
+    return tokens, rollout_log_probs
 
 
 def completion_labels(tokens, prompt_len: int):
@@ -160,22 +192,40 @@ def token_log_probs(model: CharLM, tokens, labels, temperature):
 
 @nnx.jit(static_argnames=("prompt_len", "completion_len", "group_size", "target"))
 def rollout(
-    model, reference, prompts, key, temperature, *, prompt_len, completion_len, group_size, target
+    model,
+    reference,
+    prompts,
+    key,
+    temperature,
+    engine_noise,
+    *,
+    prompt_len,
+    completion_len,
+    group_size,
+    target,
 ):
     """Samples ``group_size`` completions of each prompt and scores them.
 
-    Returns the tokens, the labels, the rewards and advantages ``(B * group_size,)``, and the
-    log-probabilities of the sampled characters under the sampling policy (old) and the
-    frozen reference.
+    Returns the tokens, the labels, the rewards and advantages ``(B * group_size,)``, the
+    log-probabilities of the sampled characters under the sampling policy as the trainer
+    computes them (old) and under the frozen reference, and the rollout importance weights
+    that correct the engine's mismatch (TRL's default: a sequence-level ratio of the
+    trainer's and the engine's probabilities, masked where it exceeds 3).
     """
     prompts = jnp.repeat(prompts, group_size, axis=0)  # the groups one after the other
-    tokens = sample_completions(model, prompts, key, temperature, completion_len)
+    tokens, rollout_log_probs = sample_completions(
+        model, prompts, key, temperature, completion_len, engine_noise
+    )
     labels = completion_labels(tokens, prompt_len)
     rewards = rewards_for(tokens[:, prompt_len:], target)
     advantages = group_advantages(rewards, group_size)
     old_log_probs, _ = token_log_probs(model, tokens, labels, temperature)
     ref_log_probs, _ = token_log_probs(reference, tokens, labels, temperature)
-    return tokens, labels, rewards, advantages, old_log_probs, ref_log_probs
+    weights = jaxce.rollout_importance_weights(
+        old_log_probs, rollout_log_probs, labels != IGNORE, level="sequence", mode="mask",
+        bounds=(None, 3.0),
+    )  # fmt: skip
+    return tokens, labels, rewards, advantages, old_log_probs, ref_log_probs, weights
 
 
 # --- GRPO --------------------------------------------------------------------------------
@@ -186,7 +236,7 @@ def masked_mean(values, mask):
 
 
 def grpo_loss(model, batch, temperature, kl_coef, clip_epsilon):
-    tokens, labels, _, advantages, old_log_probs, ref_log_probs = batch
+    tokens, labels, _, advantages, old_log_probs, ref_log_probs, rollout_weights = batch
     log_probs, entropy = token_log_probs(model, tokens, labels, temperature)
     on_completion = labels != IGNORE
     loss = jaxce.policy_gradient_loss(
@@ -195,11 +245,13 @@ def grpo_loss(model, batch, temperature, kl_coef, clip_epsilon):
         advantages,  # (B,): one per completion
         on_completion,
         clip_epsilon=clip_epsilon,
+        dual_clip=3.0,  # bounds what a stale negative sample can do (verl's clip_ratio_c)
+        token_weights=rollout_weights,  # the engine-mismatch correction, policy term only
         ref_log_probs=ref_log_probs,
         kl_coef=kl_coef,
         kl_estimator="k3",
         aggregation="sequence_mean",  # GRPO: each completion's token mean, then their mean
-    )
+    )  # log-ratios are clamped at +-20 before exp (max_log_ratio, the default): always finite
     kl = jaxce.sampled_kl_divergence(log_probs, ref_log_probs, estimator="k3")
     return loss, {
         "kl": masked_mean(kl, on_completion),
@@ -228,7 +280,7 @@ def preference_pairs(rewards, group_size: int):
 
 
 def online_dpo_loss(model, batch, temperature, beta, group_size):
-    tokens, labels, rewards, _, _, ref_log_probs = batch
+    tokens, labels, rewards, _, _, ref_log_probs, _ = batch
     log_probs, entropy = token_log_probs(model, tokens, labels, temperature)
     on_completion = labels != IGNORE
     sums = jaxce.sequence_reduce(log_probs, on_completion)  # (B,): log-prob of each completion
@@ -307,6 +359,12 @@ def parse_args(argv=None):
         "--beta", type=float, default=1.0, help="DPO's beta (larger: nearer the reference)"
     )
     parser.add_argument(
+        "--engine-noise",
+        type=float,
+        default=0.05,
+        help="the sampler's kernel perturbation (inference-engine mismatch; 0: none)",
+    )
+    parser.add_argument(
         "--updates-per-batch", type=int, default=2, help="optimizer steps on each batch of samples"
     )
     args = parser.parse_args(argv)
@@ -352,17 +410,21 @@ def main(argv=None) -> dict:
     shown = np.repeat(shown, args.batch_size, axis=0)
 
     def show(title, key):
-        tokens = rollout(model, reference, shown, key, args.temperature, **shapes)[0]
+        tokens = rollout(
+            model, reference, shown, key, args.temperature, args.engine_noise, **shapes
+        )[0]
         prompt, completion = tokens[0, : args.prompt_len], tokens[0, args.prompt_len :]
         print(f"{title}: {decode(prompt)!r} + {decode(completion)!r}")
 
     show("before", jax.random.key(args.seed + 1))
-    history = {"reward": [], "kl": [], "entropy": [], "loss": []}
+    history = {"reward": [], "kl": [], "entropy": [], "loss": [], "rollout_kept": []}
     progress = run.progress(args.method.upper())
     for step in progress:
         prompts, _ = random_windows(rng, data, args.batch_size, args.prompt_len)
         key, sample_key = jax.random.split(key)
-        batch = rollout(model, reference, prompts, sample_key, args.temperature, **shapes)
+        batch = rollout(
+            model, reference, prompts, sample_key, args.temperature, args.engine_noise, **shapes
+        )
         losses, kls, entropies = [], [], []
         for _ in range(args.updates_per_batch):
             if args.method == "grpo":
@@ -381,6 +443,8 @@ def main(argv=None) -> dict:
         history["kl"].append(kls[0])
         history["entropy"].append(entropies[0])
         history["loss"].append(losses[0])
+        # The share of completions the rollout correction keeps (weight > 0).
+        history["rollout_kept"].append(float(jnp.mean(jnp.any(batch[6] > 0, axis=-1))))
         if run.is_log_step(step):
             recent = slice(-args.log_every, None)
             progress.set_postfix(
@@ -411,6 +475,8 @@ def main(argv=None) -> dict:
         "last_entropy": history["entropy"][-1],
         "first_loss": history["loss"][0],
         "last_loss": history["loss"][-1],
+        "engine_noise": args.engine_noise,
+        "rollout_kept_mean": float(np.mean(history["rollout_kept"])),
         "history": history,
     }
     return run.report(

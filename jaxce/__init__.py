@@ -31,8 +31,11 @@ from jaxce._linear_distill import (
     linear_softmax_kl_divergence as linear_softmax_kl_divergence,
 )
 from jaxce._linear_log_probs import linear_log_probs as linear_log_probs
+from jaxce._policy import off_policy_sequence_mask as off_policy_sequence_mask
 from jaxce._policy import policy_gradient_loss as policy_gradient_loss
+from jaxce._policy import rollout_importance_weights as rollout_importance_weights
 from jaxce._policy import sampled_kl_divergence as sampled_kl_divergence
+from jaxce._policy import top_entropy_mask as top_entropy_mask
 from jaxce._preference import dpo_loss as dpo_loss
 from jaxce._preference import orpo_loss as orpo_loss
 from jaxce._preference import simpo_loss as simpo_loss
@@ -69,10 +72,12 @@ __all__ = [
     "linear_softmax_kl_divergence",
     "nll_loss",
     "ntxent",
+    "off_policy_sequence_mask",
     "orpo_loss",
     "policy_gradient_loss",
     "poly_loss_cross_entropy",
     "pytorch",
+    "rollout_importance_weights",
     "safe_softmax_cross_entropy",
     "sampled_kl_divergence",
     "sequence_reduce",
@@ -85,5 +90,6 @@ __all__ = [
     "softmax_cross_entropy_with_integer_labels",
     "softmax_focal_loss",
     "softmax_kl_divergence",
+    "top_entropy_mask",
     "weighted_mean",
 ]

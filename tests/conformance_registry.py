@@ -938,6 +938,144 @@ def _posttrain_entries() -> list[Entry]:
             empty_reduced={"token_mean": 0.0, "sequence_mean": 0.0},
         )
     )
+    e += _policy_correction_entries(pg, pg_inputs)
+    return e
+
+
+def _policy_correction_entries(pg, pg_inputs) -> list[Entry]:
+    """The safe surrogates of ``policy_gradient_loss`` and the rollout corrections (API.md,
+    "Policy optimisation"). The corrections are constants under ``grad`` (their inputs are
+    ``stop_gradient``-ed), so they claim no autodiff mode (``modes=()``: their zero gradients
+    are checked in ``test_policy_corrections.py``); the two masks are boolean and are compared
+    here as float masks of the input's dtype (``keeps_dtype``)."""
+    e: list[Entry] = []
+
+    def weighted_inputs(r, n):
+        return (*pg_inputs(r, n), r.uniform(0.0, 2.0, size=(n, 4)))
+
+    def dual_ref(lp, old, a, m, w):
+        ratio = np.exp(lp - old)
+        adv = a[:, None]
+        per_token = -np.minimum(np.minimum(ratio, 1.15) * adv, np.clip(ratio, 0.95, 1.05) * adv)
+        per_token = np.where(adv < 0, np.minimum(-1.1 * adv, per_token), per_token)
+        return np.where(m, per_token * w, 0.0)
+
+    def sapo_ref(lp, old, a, m, w):
+        mean = np.where(m, lp - old, 0).sum(-1, keepdims=True) / np.maximum(
+            m.sum(-1, keepdims=True), 1
+        )
+        adv = a[:, None]
+        tau = np.where(adv > 0, 1.0, 1.05)
+        return np.where(m, -4 / tau / (1 + np.exp(-tau * (np.exp(mean) - 1))) * adv * w, 0.0)
+
+    for name, options, ref in (
+        ("dual_clip", {"clip_epsilon": 0.05, "dual_clip": 1.1, "ratio_cap": 1.15}, dual_ref),
+        ("sapo", {"loss_type": "sapo", "importance_sampling": "sequence"}, sapo_ref),
+    ):
+        e.append(
+            Entry(
+                f"policy_gradient_loss[{name}]",
+                "jaxce.policy_gradient_loss",
+                weighted_inputs,
+                lambda lp, old, a, m, w, reduction="none", _o=options, **o: pg(
+                    lp, old, a, m, token_weights=w, aggregation=reduction, **{**_o, **o}
+                ),
+                ("log_probs", "old_log_probs", "advantages", "where", "token_weights"),
+                (0, 2),
+                ref,
+                reductions=("none", "token_mean", "sequence_mean", "sum_and_weight"),
+                nan_args=(0, 1, 2, 4),
+                domains=(("dual_clip", 1.0), ("max_log_ratio", 0.0), ("ratio_cap", 1.0)),
+                needs="policy_gradient_loss",
+                empty_reduced={"token_mean": 0.0, "sequence_mean": 0.0},
+            )
+        )
+
+    riw = _pending("rollout_importance_weights")
+
+    def rollout_inputs(r, n):
+        old = _sequence_inputs(r, n)
+        return old, old + r.normal(size=old.shape) * 0.5, _token_mask(r, n)
+
+    def rollout_ref(old, rollout, m):
+        log_rho = np.where(m, old - rollout, 0).sum(-1, keepdims=True)
+        return np.where(m & (log_rho <= np.log(3.0)), np.exp(log_rho), 0.0)
+
+    e.append(
+        Entry(
+            "rollout_importance_weights",
+            "jaxce.rollout_importance_weights",
+            rollout_inputs,
+            _no_reduction(lambda o, r, m, **kw: riw(o, r, m, **kw)),
+            ("old_log_probs", "rollout_log_probs", "where"),
+            (0, 1),
+            rollout_ref,
+            reductions=(None,),
+            modes=(),
+            order2=False,
+            domains=(("bounds", (2.0, 1.0)), ("level", "tok"), ("mode", "clip")),
+            needs="rollout_importance_weights",
+        )
+    )
+    opm = _pending("off_policy_sequence_mask")
+
+    def opm_inputs(r, n):
+        lp = _sequence_inputs(r, n)
+        return lp, lp + r.normal(size=lp.shape) * 0.3, r.normal(size=n), _token_mask(r, n)
+
+    def opm_ref(lp, rollout, a, m):
+        mean = np.where(m, rollout - lp, 0).sum(-1) / np.maximum(m.sum(-1), 1)
+        return (m & ((a >= 0) | (mean <= 0.05))[:, None]).astype(float)
+
+    e.append(
+        Entry(
+            "off_policy_sequence_mask",
+            "jaxce.off_policy_sequence_mask",
+            opm_inputs,
+            _no_reduction(
+                lambda lp, r, a, m, **kw: opm(lp, r, a, m, **{"threshold": 0.05, **kw}).astype(
+                    lp.dtype
+                )
+            ),
+            ("log_probs", "rollout_log_probs", "advantages", "where"),
+            (0, 1, 2),
+            opm_ref,
+            reductions=(None,),
+            nan_args=(),
+            modes=(),
+            order2=False,
+            keeps_dtype=True,
+            needs="off_policy_sequence_mask",
+        )
+    )
+    tem = _pending("top_entropy_mask")
+
+    def entropy_inputs(r, n):
+        return r.uniform(0.0, 3.0, size=(n, 4)), _token_mask(r, n)
+
+    def entropy_ref(h, m):
+        if not m.any():
+            return np.zeros(h.shape)
+        return (m & (h >= np.quantile(h[m], 0.6))).astype(float)
+
+    e.append(
+        Entry(
+            "top_entropy_mask",
+            "jaxce.top_entropy_mask",
+            entropy_inputs,
+            _no_reduction(lambda h, m, **kw: tem(h, m, **{"fraction": 0.4, **kw}).astype(h.dtype)),
+            ("entropy", "where"),
+            (0,),
+            entropy_ref,
+            reductions=(None,),
+            nan_args=(),
+            modes=(),
+            order2=False,
+            keeps_dtype=True,
+            domains=(("fraction", 1.5),),
+            needs="top_entropy_mask",
+        )
+    )
     return e
 
 

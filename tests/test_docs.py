@@ -109,6 +109,9 @@ POST_TRAINING_OPTIONS = [
     ("policy_gradient_loss", "importance_sampling"),
     ("policy_gradient_loss", "kl_estimator"),
     ("policy_gradient_loss", "aggregation"),
+    ("policy_gradient_loss", "loss_type"),
+    ("rollout_importance_weights", "level"),
+    ("rollout_importance_weights", "mode"),
 ]
 
 

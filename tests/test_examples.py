@@ -152,6 +152,7 @@ OWN_OPTIONS = {
         "--kl-coef",
         "--clip-epsilon",
         "--beta",
+        "--engine-noise",
         "--updates-per-batch",
     ),
 }

@@ -66,11 +66,11 @@ def test_sampling_keeps_the_prompt_and_the_log_probs_are_those_of_the_sampler():
     model = example.CharLM(12, 10, 8, 1, rngs=nnx.Rngs(0))
     prompts = jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]], jnp.int32)
     key = jax.random.key(0)
-    tokens = example.sample_completions(model, prompts, key, 0.7, completion_len=6)
+    tokens, rollout_lp = example.sample_completions(model, prompts, key, 0.7, completion_len=6)
     assert tokens.shape == (2, 10) and tokens.dtype == jnp.int32
     np.testing.assert_array_equal(tokens[:, :4], prompts)
     assert np.all((np.asarray(tokens) >= 0) & (np.asarray(tokens) < 12))
-    again = example.sample_completions(model, prompts, key, 0.7, completion_len=6)
+    again, _ = example.sample_completions(model, prompts, key, 0.7, completion_len=6)
     np.testing.assert_array_equal(tokens, again)  # the key decides the sample
     labels = example.completion_labels(tokens, 4)
     log_probs, entropy = example.token_log_probs(model, tokens, labels, 0.7)
@@ -82,6 +82,12 @@ def test_sampling_keeps_the_prompt_and_the_log_probs_are_those_of_the_sampler():
     np.testing.assert_allclose(log_probs, np.where(kept, want, 0.0), atol=1e-5)
     want_entropy = -(np.exp(log_softmax) * log_softmax).sum(-1)
     np.testing.assert_allclose(entropy, np.where(kept, want_entropy, 0.0), atol=1e-5)
+    # Without engine noise the sampler reports the trainer's log-probabilities; with it, they
+    # differ (the mismatch that the rollout importance weights correct).
+    np.testing.assert_allclose(rollout_lp, np.where(kept, want, 0.0), atol=1e-5)
+    _, noisy = example.sample_completions(model, prompts, key, 0.7, 6, 0.3)
+    gap = np.abs(np.asarray(noisy) - np.asarray(rollout_lp))[kept]
+    assert gap.max() > 1e-3 and np.all(np.asarray(noisy)[~kept] == 0)
 
 
 def test_dpo_pairs_take_each_groups_best_and_worst():
@@ -123,6 +129,8 @@ def test_grpo_smoke(tmp_path, capsys):
     assert metrics["completions_per_step"] == 32
     rewards = metrics["history"]["reward"]
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.05, rewards  # GRPO raised it
+    # the engine-mismatch correction is at work: it keeps most completions, not all
+    assert metrics["engine_noise"] > 0 and 0.5 < metrics["rollout_kept_mean"] <= 1.0
 
 
 @pytest.mark.slow
