@@ -33,7 +33,9 @@ from jaxce._linear_distill import (
 from jaxce._linear_log_probs import linear_log_probs as linear_log_probs
 from jaxce._policy import policy_gradient_loss as policy_gradient_loss
 from jaxce._policy import sampled_kl_divergence as sampled_kl_divergence
+from jaxce._preference import bradley_terry_loss as bradley_terry_loss
 from jaxce._preference import dpo_loss as dpo_loss
+from jaxce._preference import kto_loss as kto_loss
 from jaxce._preference import orpo_loss as orpo_loss
 from jaxce._preference import simpo_loss as simpo_loss
 from jaxce._reduce import weighted_mean as weighted_mean
@@ -53,6 +55,7 @@ __version__ = "0.2.0"
 __all__ = [
     "LinearCrossEntropyAux",
     "binary_cross_entropy",
+    "bradley_terry_loss",
     "binary_entropy",
     "convex_kl_divergence",
     "ctc_loss",
@@ -61,6 +64,7 @@ __all__ = [
     "entropy",
     "generalized_kl_divergence",
     "js_divergence",
+    "kto_loss",
     "kl_divergence",
     "kl_divergence_with_log_targets",
     "linear_js_divergence",
