@@ -16,11 +16,10 @@ which neither overflows nor loses the exact value :math:`\log 2` at :math:`z = 0
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, TypeAlias, overload
+from typing import Any, Literal, NamedTuple, TypeAlias, overload
 
 import jax
 import jax.numpy as jnp
@@ -143,8 +142,7 @@ def _scaled_exp_difference(u: Array, v: Array, scale: Array) -> Array:
     return jnp.where(big, jnp.where(live, far, _zero(far)), near)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Scores:
+class _Scores(NamedTuple):
     """The f-divergence scores of the chosen and rejected log-ratios and what is built on them.
 
     ``chosen``/``rejected``: the scores (TRL's ``chosen_scores``, ``rejected_scores``);
@@ -176,8 +174,64 @@ def _scores(
     beta: Array,
     f_alpha: Array | None,
 ) -> _Scores:
+    """The scores of ``f_divergence``; where a score overflows, its value as a constant.
+
+    Where a log-ratio is infinite, or its exponential score (or ``beta`` times it) overflows,
+    the value is still right (``inf``, ``-inf``, or the finite margin taken in log space), but
+    the chain rule would multiply a zero by an infinite derivative: there the scores and the
+    margin are constants (zero derivatives), never NaN.
+    """
     if f_divergence == "reverse_kl":
         return _reverse_kl(logs, c, r, beta)
+    inf_c, inf_r = (
+        _overflows(f_divergence, c, beta, f_alpha),
+        _overflows(f_divergence, r, beta, f_alpha),
+    )
+    finite = _f_scores(
+        f_divergence,
+        logs,
+        jnp.where(inf_c, _zero(c), c),
+        jnp.where(inf_r, _zero(r), r),
+        beta,
+        f_alpha,
+    )
+    limit = jax.lax.stop_gradient(_f_scores(f_divergence, logs, c, r, beta, f_alpha))
+    either = inf_c | inf_r
+    return _Scores(
+        jnp.where(inf_c, limit.chosen, finite.chosen),
+        jnp.where(inf_r, limit.rejected, finite.rejected),
+        jnp.where(inf_c, limit.beta_chosen, finite.beta_chosen),
+        jnp.where(inf_r, limit.beta_rejected, finite.beta_rejected),
+        jnp.where(either, limit.z, finite.z),
+        None,
+    )
+
+
+def _overflows(f_divergence: str, x: Array, beta: Array, f_alpha: Array | None) -> Array:
+    """Where the score of the log-ratio ``x`` (or ``beta`` times it) is, or may be, infinite."""
+    infinite = jnp.isinf(x)
+    if f_divergence == "js_divergence":
+        return infinite  # log sigmoid: never overflows, derivative at most 1
+    limit = math.log(float(jnp.finfo(x.dtype).max)) - 1.0
+    grow = jnp.maximum(jnp.log(beta), _zero(x))
+    if f_divergence == "forward_kl":
+        return infinite | (grow - x > limit)
+    assert f_alpha is not None
+    a = f_alpha - 1
+    at_one = jnp.abs(a) < _ALPHA_AT_ONE
+    a = jnp.where(at_one, jnp.ones((), a.dtype), a)
+    big = a * jnp.where(infinite, _zero(x), x) + grow - jnp.log(jnp.abs(a)) > limit
+    return infinite | (big & ~at_one)
+
+
+def _f_scores(
+    f_divergence: str,
+    logs: tuple[Array, Array, Array, Array],
+    c: Array,
+    r: Array,
+    beta: Array,
+    f_alpha: Array | None,
+) -> _Scores:
     if f_divergence == "forward_kl":
         # f'(t) = 1 - 1/t without its constant: -exp(-log-ratio)
         return _Scores(
@@ -275,9 +329,22 @@ def _discopop(z: Array, tau: Array) -> Array:
     return jnp.where(z == -jnp.inf, -z, jnp.where(infinite, _zero(z), finite))
 
 
-def _sorted_pairs(x: Array) -> Array:
-    """``x`` sorted along its leading (pair) axis, as TRL's ``torch.sort(dim=0)``."""
-    return x if x.ndim == 0 else jnp.sort(x, axis=0)
+def _sorted_margin(beta: Array, a: Array, b: Array, c: Array, d: Array) -> Array:
+    """``beta (sort(a - b) - sort(c - d))``, sorted along the leading (pair) axis as TRL's
+    ``torch.sort(dim=0)``, without intermediate overflow (quartered, as ``_scaled_margin``).
+
+    A NaN anywhere along the pair axis makes every rank NaN: sorting moves it, so no rank
+    can be said to be free of it.
+    """
+    q = 4.0
+    x, y = a / q - b / q, c / q - d / q
+    if x.ndim == 0:
+        return q * (beta * (x - y))
+    x, y = jnp.sort(x, axis=0), jnp.sort(y, axis=0)
+    # NaN sorts last: the last rank says whether the column holds one
+    poisoned = jnp.isnan(x[-1:]) | jnp.isnan(y[-1:])
+    margin = q * (beta * (x - y))
+    return jnp.where(poisoned, jnp.full((), jnp.nan, margin.dtype), margin)
 
 
 def _one_loss(
@@ -320,13 +387,9 @@ def _one_loss(
     if loss_type == "aot":
         # the policy's and the reference's chosen-minus-rejected log-ratios, each sorted over
         # the batch (raw log-probabilities: TRL applies no f-divergence here)
-        q = 4.0
-        z = q * (beta * (_sorted_pairs(pc / q - pr / q) - _sorted_pairs(rc / q - rr / q)))
-        return _smoothed_logistic(z, eps)
+        return _smoothed_logistic(_sorted_margin(beta, pc, pr, rc, rr), eps)
     if loss_type == "aot_unpaired":
-        q = 4.0
-        z = q * (beta * (_sorted_pairs(pc / q - rc / q) - _sorted_pairs(pr / q - rr / q)))
-        return _smoothed_logistic(z, eps)
+        return _smoothed_logistic(_sorted_margin(beta, pc, rc, pr, rr), eps)
     if loss_type == "apo_zero":  # on the log-ratios, not the f-divergence scores (as TRL)
         return sigmoid(-beta * c) + sigmoid(beta * r)
     if loss_type == "apo_down":  # its chosen term on the log-ratio, its margin on the scores
@@ -674,11 +737,20 @@ def _dpo_loss(
     scores = _scores(f_divergence, (pc, pr, rc, rr), c, r, beta, alpha)
     total = None
     for k, t in enumerate(loss_type):
-        loss = _one_loss(t, scores, (pc, pr, rc, rr), c, r, beta, eps, bco_mean, tau, dtype)
-        if weights is not None:
-            # a zero weight drops its term exactly, also where that term is infinite
+
+        def term(t=t):
+            return _one_loss(t, scores, (pc, pr, rc, rr), c, r, beta, eps, bco_mean, tau, dtype)
+
+        if weights is None:
+            loss = term()
+        else:
+            # A zero weight drops its term exactly, value and derivatives, also where the term
+            # or its derivative is infinite (a select would give 0 * inf = NaN in the
+            # gradient); a cond also skips its work.
             w = weights[k]
-            loss = jnp.where(w == 0, _zero(loss), w * loss)
+            loss = jax.lax.cond(
+                w == 0, lambda: jnp.zeros(pc.shape, dtype), lambda w=w, term=term: w * term()
+            )
         total = loss if total is None else total + loss
     assert total is not None
     if eps is not None and domain is _UNUSED:

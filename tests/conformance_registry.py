@@ -1002,11 +1002,106 @@ def _posttrain_entries() -> list[Entry]:
                 ),
                 (0, 1, 2, 3),
                 ref,
-                reductions=("none", "sum", "mean"),
                 domains=(("beta", 0.0), ("label_smoothing", 1.5), ("loss_type", "nope")),
                 needs="dpo_loss",
             )
         )
+
+    # the weighted list of types and an f-divergence score (aot sorts over the batch, so
+    # it is not per-example: tested in test_preference_families.py)
+    def dpo_mix_ref(c, rj, rc, rr):
+        sc, sr = -np.exp(-(c - rc)), -np.exp(-(rj - rr))  # forward-KL scores
+        z = 0.5 * (sc - sr)
+        bco = -_log_sigmoid(0.5 * sc - 0.05) - _log_sigmoid(0.05 - 0.5 * sr)
+        mod = 1 / (1 + np.exp(-z / 0.05))
+        disco = -_log_sigmoid(z) * (1 - mod) + np.exp(-z) * mod
+        return 0.7 * bco + 0.3 * disco
+
+    e.append(
+        Entry(
+            "dpo_loss[bco_pair+discopop,forward_kl]",
+            "jaxce.dpo_loss",
+            pairs,
+            lambda c, rj, rc, rr, reduction="none", **o: dpo(
+                c,
+                rj,
+                rc,
+                rr,
+                reduction=reduction,
+                **{
+                    "beta": 0.5,
+                    "loss_type": ("bco_pair", "discopop"),
+                    "loss_weights": (0.7, 0.3),
+                    "f_divergence": "forward_kl",
+                    "bco_running_mean": 0.05,
+                    **o,
+                },
+            ),  # fmt: skip
+            (
+                "chosen_log_probs",
+                "rejected_log_probs",
+                "ref_chosen_log_probs",
+                "ref_rejected_log_probs",
+            ),
+            (0, 1, 2, 3),
+            dpo_mix_ref,
+            domains=(("discopop_tau", 0.0), ("f_divergence", "nope"), ("loss_weights", (1.0,))),
+            needs="dpo_loss",
+        )
+    )
+
+    def kto_inputs(r, n):
+        lp, ref = pairs(r, n)[:2]
+        desirable = np.arange(n) % 2 == 0
+        return lp, ref, desirable
+
+    def kto_ref(lp, ref, d):
+        x = lp - ref
+        return np.where(d, 1.5 / (1 + np.exp(0.5 * (x - 0.1))), 0.5 / (1 + np.exp(0.5 * (0.1 - x))))
+
+    kto = _pending("kto_loss")
+    e.append(
+        Entry(
+            "kto_loss",
+            "jaxce.kto_loss",
+            kto_inputs,
+            lambda lp, ref, d, reduction="none", **o: kto(
+                lp,
+                ref,
+                d,
+                reduction=reduction,
+                **{"kl": 0.1, "beta": 0.5, "desirable_weight": 1.5, "undesirable_weight": 0.5, **o},
+            ),  # fmt: skip
+            ("log_probs", "ref_log_probs", "desirable"),
+            (0, 1),
+            kto_ref,
+            domains=(("beta", 0.0), ("undesirable_weight", -1.0), ("loss_type", "nope")),
+            needs="kto_loss",
+        )
+    )
+
+    def bt_inputs(r, n):
+        return r.normal(size=n) * 2, r.normal(size=n) * 2, r.uniform(0, 1, size=n)
+
+    def bt_ref(c, rj, m):
+        return -_log_sigmoid(c - rj - m) + 0.01 * (c + rj) ** 2
+
+    bt = _pending("bradley_terry_loss")
+    e.append(
+        Entry(
+            "bradley_terry_loss",
+            "jaxce.bradley_terry_loss",
+            bt_inputs,
+            lambda c, rj, m, reduction="none", **o: bt(
+                c, rj, margin=m, reduction=reduction, **{"center_coef": 0.01, **o}
+            ),
+            ("chosen_rewards", "rejected_rewards", "margin"),
+            (0, 1, 2),
+            bt_ref,
+            domains=(("center_coef", -0.1),),
+            needs="bradley_terry_loss",
+        )
+    )
 
     def simpo_ref(c, rj):
         m = 2.0 * (c - rj) - 0.5
@@ -1021,7 +1116,6 @@ def _posttrain_entries() -> list[Entry]:
             ("chosen_log_probs", "rejected_log_probs"),
             (0, 1),
             simpo_ref,
-            reductions=("none", "sum", "mean"),
             domains=(("beta", 0.0), ("label_smoothing", 1.5)),
             needs="simpo_loss",
         )
@@ -1040,7 +1134,6 @@ def _posttrain_entries() -> list[Entry]:
             ("chosen_log_probs", "rejected_log_probs"),
             (0, 1),
             orpo_ref,
-            reductions=("none", "sum", "mean"),
             domains=(("beta", 0.0),),
             needs="orpo_loss",
         )
