@@ -36,7 +36,9 @@ from jaxce._policy import policy_gradient_loss as policy_gradient_loss
 from jaxce._policy import rollout_importance_weights as rollout_importance_weights
 from jaxce._policy import sampled_kl_divergence as sampled_kl_divergence
 from jaxce._policy import top_entropy_mask as top_entropy_mask
+from jaxce._preference import bradley_terry_loss as bradley_terry_loss
 from jaxce._preference import dpo_loss as dpo_loss
+from jaxce._preference import kto_loss as kto_loss
 from jaxce._preference import orpo_loss as orpo_loss
 from jaxce._preference import simpo_loss as simpo_loss
 from jaxce._reduce import weighted_mean as weighted_mean
@@ -56,6 +58,7 @@ __version__ = "0.2.0"
 __all__ = [
     "LinearCrossEntropyAux",
     "binary_cross_entropy",
+    "bradley_terry_loss",
     "binary_entropy",
     "convex_kl_divergence",
     "ctc_loss",
@@ -64,6 +67,7 @@ __all__ = [
     "entropy",
     "generalized_kl_divergence",
     "js_divergence",
+    "kto_loss",
     "kl_divergence",
     "kl_divergence_with_log_targets",
     "linear_js_divergence",

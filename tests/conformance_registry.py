@@ -226,6 +226,15 @@ def _pairs(rng, n):
     return tuple(_sequence_inputs(rng, n, 1)[:, 0] for _ in range(4))
 
 
+def _kto_inputs(rng, n):
+    lp, ref = _pairs(rng, n)[:2]
+    return lp, ref, np.arange(n) % 2 == 0  # desirable and undesirable examples
+
+
+def _bt_inputs(rng, n):
+    return rng.normal(size=n) * 2, rng.normal(size=n) * 2, rng.uniform(0, 1, size=n)
+
+
 def _policy_inputs(rng, n):
     lp = _sequence_inputs(rng, n)
     old = lp + rng.normal(size=lp.shape) * 0.1  # ratios inside and outside the clip range
@@ -366,6 +375,27 @@ def _simpo_reference(c, rj):
 def _orpo_reference(c, rj):
     log_odds = (c - rj) - (np.log(-np.expm1(c)) - np.log(-np.expm1(rj)))
     return -0.1 * _log_sigmoid(log_odds)
+
+
+def _dpo_mix_reference(c, rj, rc, rr):
+    """0.7 bco_pair + 0.3 discopop on forward-KL scores, beta 0.5, running mean 0.05."""
+    sc, sr = -np.exp(-(c - rc)), -np.exp(-(rj - rr))
+    z = 0.5 * (sc - sr)
+    bco = -_log_sigmoid(0.5 * sc - 0.05) - _log_sigmoid(0.05 - 0.5 * sr)
+    mod = 1 / (1 + np.exp(-z / 0.05))
+    disco = -_log_sigmoid(z) * (1 - mod) + np.exp(-z) * mod
+    return 0.7 * bco + 0.3 * disco
+
+
+def _kto_reference(lp, ref, desirable):
+    x = lp - ref
+    return np.where(
+        desirable, 1.5 / (1 + np.exp(0.5 * (x - 0.1))), 0.5 / (1 + np.exp(0.5 * (0.1 - x)))
+    )
+
+
+def _bt_reference(c, rj, m):
+    return -_log_sigmoid(c - rj - m) + 0.01 * (c + rj) ** 2
 
 
 def _policy_reference(lp, old, a, m):
@@ -510,7 +540,6 @@ _PAIR_NAMES = (
     "ref_chosen_log_probs",
     "ref_rejected_log_probs",
 )
-_PREFERENCE_REDUCTIONS = ("none", "sum", "mean")
 
 
 # --------------------------------------------------------------------------- the entries
@@ -893,7 +922,6 @@ def _posttrain_entries() -> list[Entry]:
                 (0, 1, 2, 3),
                 reference,
                 options={"beta": 0.1, "loss_type": loss_type, "label_smoothing": label_smoothing},
-                reductions=_PREFERENCE_REDUCTIONS,
                 domains=(("beta", 0.0), ("label_smoothing", 1.5), ("loss_type", "nope")),
                 needs="dpo_loss",
             )
@@ -909,11 +937,55 @@ def _posttrain_entries() -> list[Entry]:
                 _PAIR_NAMES[:2],
                 (0, 1),
                 reference,
-                reductions=_PREFERENCE_REDUCTIONS,
                 domains=domains,
                 needs=name,
             )
         )
+    # the weighted list of types and an f-divergence score (aot sorts over the batch, so
+    # it is not per-example: tested in test_preference_families.py)
+    e.append(
+        _entry(
+            "dpo_loss[bco_pair+discopop,forward_kl]",
+            _pairs,
+            _PAIR_NAMES,
+            (0, 1, 2, 3),
+            _dpo_mix_reference,
+            options={
+                "beta": 0.5,
+                "loss_type": ("bco_pair", "discopop"),
+                "loss_weights": (0.7, 0.3),
+                "f_divergence": "forward_kl",
+                "bco_running_mean": 0.05,
+            },
+            domains=(("discopop_tau", 0.0), ("f_divergence", "nope"), ("loss_weights", (1.0,))),
+            needs="dpo_loss",
+        )
+    )
+    e.append(
+        _entry(
+            "kto_loss",
+            _kto_inputs,
+            ("log_probs", "ref_log_probs", "desirable"),
+            (0, 1),
+            _kto_reference,
+            options={"kl": 0.1, "beta": 0.5, "desirable_weight": 1.5, "undesirable_weight": 0.5},
+            domains=(("beta", 0.0), ("undesirable_weight", -1.0), ("loss_type", "nope")),
+            needs="kto_loss",
+        )
+    )
+    e.append(
+        _entry(
+            "bradley_terry_loss",
+            _bt_inputs,
+            ("chosen_rewards", "rejected_rewards", "margin"),
+            (0, 1, 2),
+            _bt_reference,
+            keywords=((2, "margin"),),
+            options={"center_coef": 0.01},
+            domains=(("center_coef", -0.1),),
+            needs="bradley_terry_loss",
+        )
+    )
     e.append(
         _entry(
             "policy_gradient_loss",

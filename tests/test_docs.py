@@ -106,6 +106,8 @@ POST_TRAINING_OPTIONS = [
     ("sampled_kl_divergence", "estimator"),
     ("sequence_reduce", "reduction"),
     ("dpo_loss", "loss_type"),
+    ("dpo_loss", "f_divergence"),
+    ("kto_loss", "loss_type"),
     ("policy_gradient_loss", "importance_sampling"),
     ("policy_gradient_loss", "kl_estimator"),
     ("policy_gradient_loss", "aggregation"),
@@ -115,12 +117,19 @@ POST_TRAINING_OPTIONS = [
 ]
 
 
+def _strings(hint) -> set[str]:
+    """The strings of a ``Literal``, also inside a union or a ``Sequence[Literal[...]]``."""
+    out = set()
+    for arg in typing.get_args(hint):
+        out |= {arg} if isinstance(arg, str) else _strings(arg)
+    return out
+
+
 def literal_options(function, parameter: str) -> set[str]:
     """The strings of the ``Literal`` annotations of ``parameter``, over every overload."""
     options = set()
     for variant in [*typing.get_overloads(function), inspect.unwrap(function)]:
-        hint = typing.get_type_hints(variant).get(parameter)
-        options |= {arg for arg in typing.get_args(hint) if isinstance(arg, str)}
+        options |= _strings(typing.get_type_hints(variant).get(parameter))
     return options
 
 

@@ -373,3 +373,255 @@ def test_grpo_gradient_at_ratio_one_is_reinforce_as_trl(rng):
                 )
             )(lp)
         np.testing.assert_allclose(g, reinforce, rtol=1e-14, atol=1e-16)
+
+
+# ------------------------------------------- DPO: the other loss types, f-divergences, lists
+
+
+def trl_dpo_sequences(
+    logps,
+    loss_type,
+    beta,
+    label_smoothing=0.0,
+    f_divergence_type="reverse_kl",
+    f_alpha_divergence_coef=0.5,
+    discopop_tau=0.05,
+    bco_delta=0.0,
+):
+    """``DPOTrainer._compute_loss``'s per-pair loss from sequence log-probs ``(B,)`` each
+    (``ld_alpha=None``, no WPO weighting); ``bco_delta`` is the running reward mean of TRL's
+    ``bco_pair`` before its DPO refactor (0 in the refactored trainer). The f-divergence
+    scores without TRL's clamp of the alpha-divergence exponent at 80 (jaxce has none)."""
+    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps = logps
+    chosen_logratios = chosen_logps - ref_chosen_logps
+    rejected_logratios = rejected_logps - ref_rejected_logps
+    if f_divergence_type == "reverse_kl":
+        chosen_scores, rejected_scores = chosen_logratios, rejected_logratios
+    elif f_divergence_type == "forward_kl":
+        chosen_scores, rejected_scores = -np.exp(-chosen_logratios), -np.exp(-rejected_logratios)
+    elif f_divergence_type == "js_divergence":
+        chosen_scores, rejected_scores = (
+            logsigmoid(chosen_logratios),
+            logsigmoid(rejected_logratios),
+        )
+    else:
+        if abs(f_alpha_divergence_coef - 1.0) < 1e-6:
+            chosen_scores, rejected_scores = chosen_logratios, rejected_logratios
+        else:
+            coef = 1.0 / (f_alpha_divergence_coef - 1.0)
+            chosen_scores = np.exp((f_alpha_divergence_coef - 1.0) * chosen_logratios) * coef
+            rejected_scores = np.exp((f_alpha_divergence_coef - 1.0) * rejected_logratios) * coef
+    delta_score = chosen_scores - rejected_scores
+    eps = label_smoothing
+
+    def smoothed(d):
+        return -logsigmoid(beta * d) * (1 - eps) - logsigmoid(-beta * d) * eps
+
+    if loss_type == "bco_pair":
+        chosen_rewards, rejected_rewards = beta * chosen_scores, beta * rejected_scores
+        return -logsigmoid(chosen_rewards - bco_delta) - logsigmoid(-(rejected_rewards - bco_delta))
+    if loss_type == "aot":
+        logratios = chosen_logps - rejected_logps
+        ref_logratios = ref_chosen_logps - ref_rejected_logps
+        return smoothed(np.sort(logratios, axis=0) - np.sort(ref_logratios, axis=0))
+    if loss_type == "aot_unpaired":
+        return smoothed(np.sort(chosen_logratios, axis=0) - np.sort(rejected_logratios, axis=0))
+    if loss_type == "discopop":
+        logits = delta_score * beta
+        modulation = sigmoid(logits / discopop_tau)
+        return -logsigmoid(logits) * (1 - modulation) + np.exp(-logits) * modulation
+    if loss_type == "sigmoid":
+        return smoothed(delta_score)
+    if loss_type == "hinge":
+        return np.maximum(1 - beta * delta_score, 0.0)
+    if loss_type == "exo_pair":
+        qw, log_qw = sigmoid(beta * delta_score), logsigmoid(beta * delta_score)
+        ql, log_ql = sigmoid(-beta * delta_score), logsigmoid(-beta * delta_score)
+        return qw * (log_qw - np.log1p(-eps)) + ql * (log_ql - np.log(eps))
+    if loss_type == "nca_pair":
+        cr, rr = beta * chosen_scores, beta * rejected_scores
+        return -logsigmoid(cr) - 0.5 * logsigmoid(-cr) - 0.5 * logsigmoid(-rr)
+    if loss_type == "robust":
+        clean = -(1 - eps) * logsigmoid(beta * delta_score)
+        flipped = -eps * logsigmoid(-beta * delta_score)
+        return (clean - flipped) / (1 - 2 * eps)
+    if loss_type == "sppo_hard":
+        return (chosen_scores - 0.5 / beta) ** 2 + (rejected_scores + 0.5 / beta) ** 2
+    if loss_type == "apo_zero":
+        return (1 - sigmoid(beta * chosen_logratios)) + sigmoid(beta * rejected_logratios)
+    if loss_type == "apo_down":
+        return sigmoid(beta * chosen_logratios) + (1 - sigmoid(beta * delta_score))
+    raise AssertionError(loss_type)
+
+
+def trl_dpo_weighted(logps, loss_types, loss_weights, **kw):
+    """TRL's loop over a list of loss types: ``loss += per_sequence_loss.mean() * weight``."""
+    return sum(
+        w * trl_dpo_sequences(logps, t, **kw).mean()
+        for t, w in zip(loss_types, loss_weights, strict=True)
+    )
+
+
+# every type but ipo (which takes the reverse KL only), in one tuple: one-hot loss_weights
+# (traced) pick one type, so every type shares one compile per f-divergence
+ALL_TYPES = (
+    "sigmoid", "robust", "hinge", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop",
+)  # fmt: skip
+F_DIVERGENCE_CASES = [
+    ("reverse_kl", 0.5),
+    ("forward_kl", 0.5),
+    ("js_divergence", 0.5),
+    ("alpha_divergence", 0.5),
+    ("alpha_divergence", 1.7),
+    ("alpha_divergence", 1.0 + 1e-7),  # TRL's limit: the reverse KL
+]
+BCO_DELTA, DPO_EPS, DPO_BETA, DPO_TAU = 0.03, 0.1, 0.3, 0.2
+
+
+def sequence_pairs(rng, n=5):
+    pc, pr = -rng.uniform(1, 6, size=n), -rng.uniform(1, 6, size=n)
+    return pc, pr, pc + rng.normal(size=n), pr + rng.normal(size=n)
+
+
+def _ours_all_types(f_divergence, f_alpha):
+    def loss(pc, pr, rc, rr, weights):
+        return jaxce.dpo_loss(
+            pc, pr, rc, rr, beta=DPO_BETA, loss_type=ALL_TYPES, loss_weights=weights,
+            label_smoothing=DPO_EPS, f_divergence=f_divergence, f_alpha=f_alpha,
+            discopop_tau=DPO_TAU, bco_running_mean=BCO_DELTA,
+        )  # fmt: skip
+
+    return loss
+
+
+@pytest.mark.parametrize(("f_divergence", "f_alpha"), F_DIVERGENCE_CASES)
+def test_dpo_every_type_and_f_divergence_matches_trl(rng, f_divergence, f_alpha):
+    args = sequence_pairs(rng)
+    ours = _ours_all_types(f_divergence, f_alpha)
+    kw = dict(
+        beta=DPO_BETA, label_smoothing=DPO_EPS, f_divergence_type=f_divergence,
+        f_alpha_divergence_coef=f_alpha, discopop_tau=DPO_TAU, bco_delta=BCO_DELTA,
+    )  # fmt: skip
+    with jax.enable_x64(True):
+        value = jax.jit(ours)
+        grad = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a)), argnums=(0, 1, 2, 3)))
+        for k, loss_type in enumerate(ALL_TYPES):
+            onehot = np.eye(len(ALL_TYPES))[k]
+
+            def theirs(*a, t=loss_type):
+                return trl_dpo_sequences(a, t, **kw)
+
+            np.testing.assert_allclose(
+                value(*args, onehot), theirs(*args), rtol=1e-12, atol=1e-14, err_msg=loss_type
+            )
+            got = grad(*args, onehot)
+            for i in range(4):
+                np.testing.assert_allclose(
+                    got[i], central_difference(theirs, args, i), rtol=1e-6, atol=1e-8,
+                    err_msg=f"{loss_type} d/d args[{i}]",
+                )  # fmt: skip
+
+
+def test_dpo_weighted_list_matches_trl(rng):
+    """MPO-style weighted lists, TRL's ``sum_k w_k mean(loss_k)``, as ``reduction='mean'``
+    and as ``sum_and_weight`` parts summed over micro-batches."""
+    args = sequence_pairs(rng, n=6)
+    types, weights = ("sigmoid", "bco_pair", "sppo_hard"), (0.8, 0.2, 1.0)
+    want = trl_dpo_weighted(args, types, weights, beta=0.2)
+    with jax.enable_x64(True):
+        f = lambda *a, r="mean": jaxce.dpo_loss(
+            *a, beta=0.2, loss_type=types, loss_weights=weights, reduction=r
+        )
+        np.testing.assert_allclose(f(*args), want, rtol=1e-12)
+        parts = [f(*(a[s] for a in args), r="sum_and_weight") for s in (slice(0, 2), slice(2, 6))]
+        total, count = (sum(p[j] for p in parts) for j in (0, 1))
+        np.testing.assert_allclose(jaxce.weighted_mean(total, count), want, rtol=1e-12)
+        # no loss_weights: all 1, as TRL's default
+        np.testing.assert_allclose(
+            jaxce.dpo_loss(*args, beta=0.2, loss_type=types, reduction="mean"),
+            trl_dpo_weighted(args, types, (1.0, 1.0, 1.0), beta=0.2),
+            rtol=1e-12,
+        )
+
+
+# ----------------------------------------------------------------------------- KTO, rewards
+
+
+def trl_kto(policy, ref, labels, kl_policy, kl_ref, *, beta, desirable_weight,
+            undesirable_weight, loss_type="kto"):  # fmt: skip
+    """``KTOTrainer``'s loss: ``nanmean`` over the concatenated chosen and rejected losses,
+    with the reference point ``kl`` the clamped mean of the mismatched pairs' log-ratios."""
+    if loss_type == "kto":
+        kl = max((kl_policy - kl_ref).mean(), 0.0)
+    else:
+        kl = 0.0
+    chosen_logratios = policy[labels] - ref[labels]
+    rejected_logratios = policy[~labels] - ref[~labels]
+    if loss_type == "kto":
+        chosen_losses = 1 - sigmoid(beta * (chosen_logratios - kl))
+        rejected_losses = 1 - sigmoid(beta * (kl - rejected_logratios))
+    else:
+        chosen_losses = 1 - sigmoid(beta * chosen_logratios)
+        rejected_losses = sigmoid(beta * rejected_logratios)
+    losses = np.concatenate(
+        [desirable_weight * chosen_losses, undesirable_weight * rejected_losses]
+    )
+    return np.nanmean(losses)
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_kto_matches_trl(rng, loss_type):
+    n = 7
+    policy = -rng.uniform(2, 8, size=n)
+    ref = policy + rng.normal(size=n)
+    labels = np.array([True, False, True, True, False, False, True])
+    kl_policy = -rng.uniform(2, 8, size=n)
+    kl_ref = kl_policy - 0.5 + rng.normal(size=n) * 0.3  # a positive mean KL (not clamped)
+    kw = dict(beta=0.4, desirable_weight=1.3, undesirable_weight=0.7)
+    theirs = lambda p: trl_kto(p, ref, labels, kl_policy, kl_ref, loss_type=loss_type, **kw)
+    with jax.enable_x64(True):
+        kl = jnp.maximum(jnp.mean(kl_policy - kl_ref), 0.0)
+        assert kl > 0
+        ours = lambda p: jaxce.kto_loss(
+            p, ref, labels, kl=kl, loss_type=loss_type, reduction="mean", **kw
+        )
+        np.testing.assert_allclose(ours(policy), theirs(policy), rtol=1e-12)
+        g = jax.grad(ours)(policy)
+    np.testing.assert_allclose(g, central_difference(theirs, (policy,), 0), rtol=1e-6, atol=1e-9)
+    # a clamped reference point (negative mean KL): TRL's 0, the caller's jnp.maximum
+    low = kl_ref + 1.0
+    with jax.enable_x64(True):
+        kl = jnp.maximum(jnp.mean(kl_policy - low), 0.0)
+        np.testing.assert_allclose(
+            jaxce.kto_loss(policy, ref, labels, kl=kl, loss_type=loss_type, reduction="mean", **kw),
+            trl_kto(policy, ref, labels, kl_policy, low, loss_type=loss_type, **kw),
+            rtol=1e-12,
+        )
+
+
+def trl_reward(rewards_chosen, rewards_rejected, margin=None, center_rewards_coefficient=None):
+    """``RewardTrainer.compute_loss``."""
+    if margin is not None:
+        loss = -logsigmoid(rewards_chosen - rewards_rejected - margin).mean()
+    else:
+        loss = -logsigmoid(rewards_chosen - rewards_rejected).mean()
+    if center_rewards_coefficient is not None:
+        loss += center_rewards_coefficient * np.mean((rewards_chosen + rewards_rejected) ** 2)
+    return loss
+
+
+def test_bradley_terry_matches_trl_reward_trainer(rng):
+    rc, rr, m = rng.normal(size=6) * 2, rng.normal(size=6) * 2, rng.uniform(0, 1, size=6)
+    for margin, coef in ((None, None), (m, None), (m, 0.01)):
+        theirs = lambda a, b, m=margin, c=coef: trl_reward(a, b, m, c)
+        with jax.enable_x64(True):
+            ours = lambda a, b, m=margin, c=coef: jaxce.bradley_terry_loss(
+                a, b, margin=m, center_coef=0.0 if c is None else c, reduction="mean"
+            )
+            np.testing.assert_allclose(ours(rc, rr), theirs(rc, rr), rtol=1e-12)
+            g = jax.grad(ours, argnums=(0, 1))(rc, rr)
+        for i in (0, 1):
+            np.testing.assert_allclose(
+                g[i], central_difference(theirs, (rc, rr), i), rtol=1e-6, atol=1e-9
+            )
