@@ -13,7 +13,7 @@ from typing import TypeAlias
 import jax
 import jax.numpy as jnp
 
-from jaxce import _api, _checks, _reduce, _stream, _vocab
+from jaxce import _api, _checks, _numerics, _reduce, _stream, _vocab
 from jaxce._checks import POSITIVE
 
 Array: TypeAlias = jax.Array
@@ -28,6 +28,7 @@ ArrayLike: TypeAlias = jax.typing.ArrayLike
         "chunk_size",
         "axis_name",
         "return_entropy",
+        "top_k",
     ),
     domains={"temperature": POSITIVE, "chunk_size": POSITIVE},
     reverse_mode_only=(
@@ -48,6 +49,7 @@ def linear_log_probs(
     chunk_size: int | None = None,
     axis_name: str | None = None,
     return_entropy: bool = False,
+    top_k: int | None = None,
 ) -> Array | tuple[Array, Array]:
     r"""Per-token log-probabilities of the labels (and the entropy) without the logits.
 
@@ -190,8 +192,14 @@ def linear_log_probs(
         x = _vocab.make_varying(x, (axis_name,))
 
     chunk = _vocab.auto_chunk(max(1, num_tokens), local_vocab) if chunk_size is None else chunk_size
+    if top_k is not None and (not _checks.is_int(top_k) or not 1 <= top_k <= vocab_size):
+        raise ValueError(
+            f"`top_k` must be None or an int in [1, {vocab_size}] (the vocabulary), got {top_k!r}."
+        )
     stats: tuple[_stream.Stat, ...] = (_stream.LogNormaliser(), _stream.LabelLogit())
-    if return_entropy:
+    if top_k is not None:
+        stats = (_stream.TopK(k=int(top_k)), _stream.LabelLogit())
+    elif return_entropy:
         stats = (*stats, _stream.Entropy())
     spec = _stream.Spec(
         stats=stats,
@@ -202,7 +210,13 @@ def linear_log_probs(
     )
     head = _stream.Head(x, weight, bias, inv_t)
     out: tuple[Array, ...] = _stream.stream(spec, (head,), None, y, offset, (None,) * len(stats))  # type: ignore[assignment]
-    lse, label_logit = out[0], out[1]
+    if top_k is not None:
+        (values, top_ids), label_logit = out[0], out[1]  # type: ignore[misc]
+        log_p, entropy = _numerics.truncated_log_prob(
+            values, top_ids, label_logit, safe.reshape(num_tokens).astype(jnp.int32)
+        )
+    else:
+        log_p, entropy = out[1] - out[0], out[2] if return_entropy else None
 
     zero = jnp.zeros((), acc)
     nan = jnp.full((), jnp.nan, acc)
@@ -213,7 +227,8 @@ def linear_log_probs(
         value = jnp.where(keep, value, zero)
         return jnp.where(invalid, nan, value).reshape(batch)
 
-    log_probs = per_token(label_logit - lse)
+    log_probs = per_token(log_p)
     if not return_entropy:
         return log_probs
-    return log_probs, per_token(out[2])
+    assert entropy is not None
+    return log_probs, per_token(entropy)
