@@ -128,6 +128,15 @@ def linear_log_probs(
         not divide ``V``.
       axis_name: mesh axis over which ``weight`` is vocabulary-sharded, or ``None``.
       return_entropy: also return the per-token entropy.
+      top_k: ``None``, or the ``k`` of a top-k sampler, an int in ``[1, vocab_size]``: the
+        outputs are then those of the truncated distribution the sampler drew from,
+        ``softmax`` over the ``k`` largest logits (ties at the k-th keep the smaller ids) and
+        0 elsewhere, as :func:`truncated_log_probs`: ``log_probs`` is ``-inf`` (with a zero
+        gradient) for a label outside the top k, and ``entropy`` is the truncated
+        distribution's. The pass keeps the running top ``k`` logits and their ids per token,
+        merging each block into them (``lax.top_k``) and, under ``axis_name``, the shards'
+        lists once (an all-gather of ``(tokens, k)``): memory ``O(tokens * (chunk_size +
+        k))``; the backward scatters the ``k`` values' cotangents back into their blocks.
 
     Returns:
       ``log_probs`` of shape ``labels.shape`` (at most 0), or with ``return_entropy`` the

@@ -243,7 +243,8 @@ class Stat:
 
     def cotangent(self, g):
         """The differentiable part of the output's cotangent (a statistic whose output is a
-        tuple with non-differentiable parts picks its array here)."""
+        tuple with non-differentiable parts picks its array here).
+        """
         return g
 
 
@@ -499,7 +500,8 @@ def _js_terms(blk: Block, lse, ratio, beta):
 
 def _block_positions(ids: Array, t) -> tuple[Array, Array]:
     """``(position, hit)`` of global column ``ids (N, k)`` in the block ``t.block``: the
-    position in the block (0 where not hit) and whether the id is a fresh real column of it."""
+    position in the block (0 where not hit) and whether the id is a fresh real column of it.
+    """
     blk = t.block
     width = blk.cols.shape[0]
     pos = (ids - t.offset - blk.start).astype(jnp.int32)
@@ -516,7 +518,8 @@ def _gather_block(z: Array, ids: Array, t) -> Array:
 
 def _scatter_block(g: Array, ids: Array, t) -> Array:
     """The ``(N, C)`` block gradient of gathering at global ``ids``: ``g (N, k)`` added at
-    the ids in the block (repeated ids add up), nothing elsewhere."""
+    the ids in the block (repeated ids add up), nothing elsewhere.
+    """
     pos, hit = _block_positions(ids, t)
     n, width = t.block.z[0].shape
     pos = jnp.where(hit, pos, width)  # out of bounds: dropped
@@ -536,7 +539,7 @@ class GatheredLogits(Stat):
     width: int = 1
 
     def init(self, rows):
-        return rows[:, None] * jnp.zeros((self.width,), rows.dtype)
+        return rows[:, None] * jnp.zeros((1, self.width), rows.dtype)
 
     def update(self, carry, t):
         return carry + _gather_block(t.block.z[0], t.param, t)
@@ -561,7 +564,7 @@ class TopK(Stat):
     k: int = 1
 
     def init(self, rows):
-        values = rows[:, None] - jnp.full((self.k,), jnp.inf, rows.dtype)
+        values = rows[:, None] - jnp.full((1, self.k), jnp.inf, rows.dtype)
         return values, jnp.zeros(values.shape, jnp.int32) - 1
 
     def update(self, carry, t):

@@ -39,10 +39,10 @@ TAILS = ("bucket", "renormalize")
 # ------------------------------------------------------------------------ the shared formula
 
 
-def _tail(value) -> str:
+def _tail(value) -> Tail:
     if value not in TAILS:
         raise ValueError(f"`tail` must be one of {TAILS}, got {value!r}.")
-    return value
+    return value  # type: ignore[return-value]
 
 
 def _teacher(teacher_ids, teacher_log_probs, batch: tuple[int, ...], where: str):
@@ -83,8 +83,8 @@ def _sparse_kl(s: Array, t: Array, live: Array, tail: str, slack: float) -> Arra
     ``s``: the student's full-vocabulary log-probabilities at the ids; ``t``: the teacher's;
     ``live``: entries that take part (``t != -inf``). ``slack``: how far the teacher's
     top-k mass may exceed 1 from rounding (its tail is then empty), beyond which the tail is
-    NaN. Exactly 0 where ``t == s`` on every live entry, never negative (values only: the
-    derivatives stay the formula's).
+    NaN. Exactly 0 where ``t == s`` on every live entry or within the rounding bound of the
+    terms, never negative (values only: the derivatives stay the formula's).
     """
     same = jnp.all(jnp.where(live, t == s, True), axis=-1)
     zero = jnp.zeros((), s.dtype)
@@ -101,7 +101,12 @@ def _sparse_kl(s: Array, t: Array, live: Array, tail: str, slack: float) -> Arra
         live = jnp.concatenate([live, jnp.ones(live.shape[:-1] + (1,), bool)], axis=-1)
     t = jnp.where(live, t, -jnp.inf)
     q = jnp.exp(t)
-    kl = _numerics.weighted_log_ratio(q, t, s, _numerics.support(q, live))
+    on = _numerics.support(q, live)
+    kl = _numerics.weighted_log_ratio(q, t, s, on)
+    # Within its rounding error (log-probabilities computed another way, say) the divergence
+    # is 0; the tail's log1mexp can double a term's error, hence twice the usual bound.
+    eps = float(jnp.finfo(kl.dtype).eps)
+    kl = _numerics.zero_within(kl, _numerics.rounding_bound(q, t, s, on, 2 * eps))
     return _numerics.divergence_floor(kl, same)
 
 
@@ -166,10 +171,11 @@ def sparse_distillation_loss(
     teacher's entries at the ids and, for the bucket, its tail mass spread over the other
     classes in proportion to the student's own probabilities.
 
-    Never negative (a rounding below 0 is returned as 0) and exactly 0 for a row whose live
-    entries equal the student's own log-probabilities at the ids (``t_j == s_j``, e.g. the
-    student's top k from ``jax.nn.log_softmax(logits / T)``), in value only: the gradient and
-    Hessian stay the formula's.
+    Never negative and exactly 0 for a row whose live entries are the student's own
+    log-probabilities at the ids (e.g. its top k from ``jax.nn.log_softmax(logits / T)``):
+    a value within the sum's rounding error, :math:`4 \epsilon \sum_c e^{t_c} (1 + |t_c| +
+    |s_c|)` over the classes, is returned as 0, as is a negative one, in value only (the
+    gradient and Hessian stay the formula's).
 
     Entries whose teacher log-probability is ``-inf`` take no part (padding for a teacher
     that stored fewer than ``k`` ids; their ids are not read). The ids of a row should be
@@ -225,6 +231,7 @@ def sparse_distillation_loss(
     lg = lg.neutralised(lg.keep)
     temp, bad_t = _checks.hyperparameter(temperature, "temperature", acc, POSITIVE)
 
+    stored = t.dtype
     t = t.astype(acc)
     live = t != -jnp.inf
     num_classes = lg.num_classes
@@ -240,7 +247,7 @@ def sparse_distillation_loss(
     class_ok = None if lg.class_mask is None else at_ids(lg.class_mask)
     bad = _bad_ids(ids, live, num_classes, class_ok)
     s = at_ids(_logits.log_softmax(lg.values.astype(acc), lg.class_mask, temp))
-    kl = _sparse_kl(s, t, live, tail, _slack(k, acc, teacher_log_probs.dtype))
+    kl = _sparse_kl(s, t, live, tail, _slack(k, acc, stored))
     weights = weights.with_invalid(bad | bad_t)
     return _reduce.weigh_and_reduce(jnp.square(temp) * kl, weights, reduction)
 
@@ -437,6 +444,7 @@ def linear_sparse_distillation_loss(
     weights = _reduce.example_weights(batch, acc, keep=keep, sample_weights=sample_weights)
     temp = _checks.nan_outside_domain(temperature, "temperature", acc, POSITIVE)
 
+    stored = t.dtype
     t = t.astype(acc)
     live = t != -jnp.inf
     bad = _bad_ids(ids, live, vocab_size, None)
@@ -465,6 +473,6 @@ def linear_sparse_distillation_loss(
     out = _stream.stream(spec, (head,), None, None, offset, (None, gids))
     lse, at_ids = out[0], out[1]  # type: ignore[index]
     s = (at_ids - lse[:, None]).reshape(ids.shape)
-    kl = _sparse_kl(s, t, live, tail, _slack(k, acc, teacher_log_probs.dtype))
+    kl = _sparse_kl(s, t, live, tail, _slack(k, acc, stored))
     weights = weights.with_invalid(bad)
     return _reduce.weigh_and_reduce(jnp.square(temp) * kl, weights, reduction)
