@@ -565,7 +565,7 @@ class TopK(Stat):
 
     def init(self, rows):
         values = rows[:, None] - jnp.full((1, self.k), jnp.inf, rows.dtype)
-        return values, jnp.zeros(values.shape, jnp.int32) - 1
+        return values, _vocab.varying_like(jnp.full(values.shape, -1, jnp.int32), rows)
 
     def update(self, carry, t):
         values, ids = carry

@@ -235,6 +235,36 @@ def _linear_logits(h, w, b=None):
     return z if b is None else z + b
 
 
+def _sparse_kl_ref(z, ids, t, temperature=1.0, tail="bucket"):
+    """Top-k sparse distillation in float64: the k ids plus a tail class, or renormalised."""
+    s = np.take_along_axis(log_softmax(z / temperature), ids.astype(int), -1)
+    if tail == "renormalize":
+        s = s - np.log(np.exp(s).sum(-1, keepdims=True))
+        t = t - np.log(np.exp(t).sum(-1, keepdims=True))
+    else:
+        s = np.concatenate([s, np.log(1 - np.exp(s).sum(-1, keepdims=True))], -1)
+        t = np.concatenate([t, np.log(1 - np.exp(t).sum(-1, keepdims=True))], -1)
+    return temperature**2 * np.sum(np.exp(t) * (t - s), -1)
+
+
+def _teacher_top_k(rng, n, c, k=3):
+    """A teacher's top-k ids and log-probabilities (mass well below 1: a tail to hold)."""
+    lp = log_softmax(rng.normal(size=(n, c)))
+    ids = np.argsort(-lp, -1, kind="stable")[:, :k].astype(np.int32)
+    return ids, np.take_along_axis(lp, ids, -1)
+
+
+def _truncated_ref(z, y, k):
+    """``(log p~_y, H~)``: the softmax over the k largest logits (ties: the smaller ids)."""
+    order = np.argsort(-z, -1, kind="stable")[:, :k]
+    top = np.take_along_axis(z, order, -1)
+    lse = np.log(np.exp(top - top.max(-1, keepdims=True)).sum(-1)) + top.max(-1)
+    inside = np.any(order == y[:, None], -1)
+    lp = np.where(inside, np.take_along_axis(z, y[:, None].astype(int), -1)[:, 0] - lse, -np.inf)
+    p = np.exp(top - lse[:, None])
+    return lp, -np.sum(p * np.log(p), -1)
+
+
 def _ctc_inputs(rng, n):
     logits = rng.normal(size=(n, T_CTC, K_CTC)) * 1.5
     logit_paddings = np.zeros((n, T_CTC))
@@ -694,6 +724,38 @@ def _fused_entries() -> list[Entry]:
             unsupported=(_FORWARD_MODE,),
         )
     )
+
+    def sparse_inputs(r, n):
+        return (
+            r.normal(size=(n, D)),
+            r.normal(size=(D, V)) / 2,
+            r.normal(size=V),
+            *_teacher_top_k(r, n, V),
+        )
+
+    e.append(
+        Entry(
+            "linear_sparse_distillation_loss",
+            "jaxce.linear_sparse_distillation_loss",
+            sparse_inputs,
+            lambda h, w, b, ids, t, reduction="none", **o: jaxce.linear_sparse_distillation_loss(
+                h,
+                w,
+                ids,
+                t,
+                bias=b,
+                reduction=reduction,
+                **{"temperature": 1.5, "chunk_size": 3, **o},
+            ),  # fmt: skip
+            ("hidden", "weight", "bias", "teacher_ids", "teacher_log_probs"),
+            (0, 1, 2, 4),
+            lambda h, w, b, ids, t: _sparse_kl_ref(_linear_logits(h, w, b), ids, t, 1.5),
+            batched=(0, 3, 4),
+            modes=("rev",),
+            domains=(("temperature", 0.0), ("chunk_size", 0)),
+            unsupported=(_FORWARD_MODE,),
+        )
+    )
     return e
 
 
@@ -1083,6 +1145,87 @@ def _posttrain_entries() -> list[Entry]:
             ),
             needs="policy_gradient_loss",
             empty_reduced={"token_mean": 0.0, "sequence_mean": 0.0},
+        )
+    )
+
+    def sparse_inputs(r, n):
+        return (_logits(r, n), *_teacher_top_k(r, n, C))
+
+    def sparse_identical(s):
+        ids = np.argsort(-s, -1, kind="stable")[:, :8].astype(np.int32)
+        return s, ids, np.take_along_axis(log_softmax(s), ids, -1)
+
+    for tail in ("bucket", "renormalize"):
+        e.append(
+            Entry(
+                f"sparse_distillation_loss[{tail}]",
+                "jaxce.sparse_distillation_loss",
+                sparse_inputs,
+                lambda z, ids, t, reduction="none", tail=tail, **o: jaxce.sparse_distillation_loss(
+                    z, ids, t, tail=tail, reduction=reduction, **{"temperature": 2.0, **o}
+                ),
+                ("logits", "teacher_ids", "teacher_log_probs"),
+                (0, 2),
+                lambda z, ids, t, tail=tail: _sparse_kl_ref(z, ids, t, 2.0, tail),
+                identical=sparse_identical,
+                identical_options=({"temperature": 1.0},),
+                domains=(("temperature", -1.0),),
+                unsupported=(
+                    Unsupported(
+                        "tail-drop",
+                        lambda e, a: jaxce.sparse_distillation_loss(*a, tail="drop"),
+                        ValueError,
+                        "tail",
+                        "the tail mass is kept (bucket) or renormalised away, never dropped",
+                    ),
+                ),
+            )
+        )
+
+    def truncated_inputs(r, n):
+        z = _logits(r, n)
+        return z, np.argsort(-z, -1, kind="stable")[:, 1].astype(np.int32)  # in the top 3
+
+    e.append(
+        Entry(
+            "truncated_log_probs",
+            "jaxce.truncated_log_probs",
+            truncated_inputs,
+            _no_reduction(
+                lambda z, y, **o: jaxce.truncated_log_probs(
+                    z, y, return_entropy=True, **{"top_k": 3, **o}
+                )
+            ),
+            ("logits", "labels"),
+            (0,),
+            lambda z, y: _truncated_ref(z, y, 3),
+            reductions=(None,),
+            domains=(("top_k", 0), ("temperature", 0.0)),
+        )
+    )
+
+    def top_k_inputs(r, n):
+        h, w, b = r.normal(size=(n, D)), r.normal(size=(D, V)) / 2, r.normal(size=V)
+        return h, w, b, np.argmax(_linear_logits(h, w, b), -1).astype(np.int32)
+
+    e.append(
+        Entry(
+            "linear_log_probs[top_k]",
+            "jaxce.linear_log_probs",
+            top_k_inputs,
+            _no_reduction(
+                lambda h, w, b, y, **o: lp_fn(
+                    h, w, y, bias=b, return_entropy=True, **{"top_k": 3, "chunk_size": 3, **o}
+                )
+            ),
+            ("hidden", "weight", "bias", "labels"),
+            (0, 1, 2),
+            lambda h, w, b, y: _truncated_ref(_linear_logits(h, w, b), y, 3),
+            reductions=(None,),
+            batched=(0, 3),
+            modes=("rev",),
+            domains=(("top_k", 0),),
+            unsupported=(_FORWARD_MODE,),
         )
     )
     return e
