@@ -581,8 +581,9 @@ class TopK(Stat):
     def finish(self, carry, f):
         values, ids = carry
         if f.axis_name is not None:
-            gather = functools.partial(lax.all_gather, axis_name=f.axis_name, axis=1, tiled=True)
-            values, ids = _top_k(gather(values), gather(ids), self.k)
+            values, ids = _top_k(
+                _gather_shards(values, f.axis_name), _gather_shards(ids, f.axis_name), self.k
+            )
         values = jnp.where(jnp.isnan(f.lse[0])[:, None], jnp.nan, values)
         return (values, ids), ids
 
@@ -591,6 +592,19 @@ class TopK(Stat):
 
     def grads(self, g, ids, t):
         return (_scatter_block(g, ids, t),), None, None
+
+
+def _gather_shards(x: Array, axis_name: str) -> Array:
+    """``(N, k)`` per shard -> ``(N, shards * k)`` in shard order, the same on every shard.
+
+    A ``psum`` of each shard's block placed in its slot (exact: the other slots add zeros)
+    rather than ``all_gather``, whose result ``shard_map`` types as still device-varying.
+    """
+    count, index = lax.axis_size(axis_name), lax.axis_index(axis_name)
+    slots = jnp.zeros((count, *x.shape), x.dtype)
+    slots = lax.dynamic_update_index_in_dim(slots, x, index, 0)
+    slots = lax.psum(slots, axis_name)
+    return jnp.moveaxis(slots, 0, 1).reshape(x.shape[0], count * x.shape[1])
 
 
 def _top_k(values: Array, ids: Array, k: int) -> tuple[Array, Array]:
