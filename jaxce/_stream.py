@@ -64,6 +64,8 @@ class Spec(NamedTuple):
     softcap: float | None = None  # s in s * tanh(z / s), on every head
     temperature_grad: bool = False  # give ``inv_t`` a cotangent
     same_temperature: bool = False  # two heads whose ``inv_t`` are the same value
+    # Inside shard_map(check_vma=False): the outputs' cotangents are per-device shares.
+    shared_cotangents: bool = False
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -836,8 +838,25 @@ def _stream_fwd(spec, heads, u, y, offset, params):
     return outputs, (heads, u, y, offset, params, residuals, lse)
 
 
+def _summed_share(g, axis_name):
+    """A cotangent share summed over the axis (a tuple output part by part; integer parts,
+    whose cotangents are ``float0``, and symbolic zeros as they are).
+    """
+    if g is None or type(g) is SymbolicZero:
+        return g
+    if isinstance(g, tuple):
+        return tuple(_summed_share(part, axis_name) for part in g)
+    if not jnp.issubdtype(g.dtype, jnp.inexact):
+        return g
+    return lax.psum(g, axis_name)
+
+
 def _stream_bwd(spec, res, cotangents):
     heads, u, y, offset, params, residuals, lse = res
+    if spec.shared_cotangents:
+        # The outputs are combined over the axis; their cotangents arrive as per-device
+        # shares (check_vma=False): the full cotangent is their sum, as psum's transpose.
+        cotangents = tuple(_summed_share(g, spec.axis_name) for g in cotangents)
     d_heads, du, d_params = gradients(spec, heads, u, y, offset, params, residuals, lse, cotangents)
     return d_heads, du, None, None, d_params
 

@@ -18,6 +18,7 @@ it (``-inf`` outside the top k) and its entropy. Its fused form is
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal, TypeAlias
 
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxce import _api, _checks, _logits, _numerics, _reduce, _stream, _vocab
+from jaxce import _api, _checks, _logits, _numerics, _reduce, _stream, _vocab, _vocab_parallel
 from jaxce._checks import POSITIVE, Reduction
 
 Array: TypeAlias = jax.Array
@@ -342,7 +343,7 @@ def truncated_log_probs(
 
 
 @_api.public(
-    static=("tail", "reduction", "chunk_size", "axis_name", "vocab_size"),
+    static=("tail", "reduction", "chunk_size", "axis_name", "vocab_axis", "mesh", "vocab_size"),
     domains={"temperature": POSITIVE, "chunk_size": POSITIVE},
     reverse_mode_only="jaxce.sparse_distillation_loss(hidden @ weight + bias, ...)",
 )
@@ -360,6 +361,8 @@ def linear_sparse_distillation_loss(
     reduction: Reduction = "none",
     chunk_size: int | None = None,
     axis_name: str | None = None,
+    vocab_axis: str | None = None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     vocab_size: int | None = None,
 ) -> Loss:
     r"""Sparse (top-k) distillation from hidden states, without the ``(tokens, V)`` logits.
@@ -392,6 +395,12 @@ def linear_sparse_distillation_loss(
     ``pmax``/``psum`` combine them; the result equals the unsharded one. Pad ``weight`` to a
     multiple of the shard count and pass the true vocabulary as ``vocab_size``.
 
+    **On a mesh under plain** ``jax.jit`` (global arrays, no ``shard_map``): as every fused
+    loss (``jaxce._vocab_parallel.fused``, see :func:`linear_log_probs`): data parallel over
+    the hidden states' batch axes (the teacher's ``(..., k)`` arrays sharded like them),
+    vocabulary parallel automatically on an Explicit mesh with ``weight`` sharded over its
+    columns, and on an Auto mesh with ``vocab_axis=``.
+
     Args:
       hidden: ``(..., D)`` student hidden states.
       weight: ``(D, V)`` student output kernel; local shard under ``axis_name``.
@@ -405,6 +414,10 @@ def linear_sparse_distillation_loss(
       reduction: ``"none"``, ``"sum"``, ``"mean"`` or ``"sum_and_weight"``.
       chunk_size: vocabulary columns per block, or ``None`` (about ``2**22 / tokens``).
       axis_name: mesh axis over which ``weight`` is vocabulary-sharded, or ``None``.
+      vocab_axis: mesh axis to shard the vocabulary over under plain ``jax.jit`` (Auto
+        meshes; on an Explicit mesh it is read from ``weight``'s sharding); exclusive with
+        ``axis_name``.
+      mesh: the mesh that has ``vocab_axis`` (``None``: the context mesh).
       vocab_size: number of real classes when ``weight`` carries padding columns.
 
     Returns:
@@ -425,7 +438,30 @@ def linear_sparse_distillation_loss(
       >>> bool(jnp.allclose(fused, dense, rtol=1e-5))
       True
     """
-    tail = _tail(tail)
+    return _vocab_parallel.fused(  # type: ignore[return-value]
+        functools.partial(_sparse_body, tail=_tail(tail), chunk_size=chunk_size),
+        hiddens={
+            "hidden": hidden,
+            "teacher_ids": teacher_ids,
+            "teacher_log_probs": teacher_log_probs,
+        },
+        kernels={"weight": weight},
+        columns={"bias": bias},
+        tokens={"sample_weights": sample_weights, "where": where},
+        shared={"temperature": temperature},
+        reduction=reduction,
+        axis_name=axis_name,
+        vocab_axis=vocab_axis,
+        mesh=mesh,
+        vocab_size=vocab_size,
+    )
+
+
+def _sparse_body(
+    hidden, teacher_ids, teacher_log_probs, weight, bias, sample_weights, where, temperature, *,
+    tail, chunk_size, axis_name, vocab_size, reduction,
+):  # fmt: skip
+    """The loss on one device's arrays (the vocabulary shard under ``axis_name``)."""
     hidden, weight = _vocab.hidden_and_kernel(hidden, "hidden", weight, "weight")
     batch = hidden.shape[:-1]
     ids, t = _teacher(teacher_ids, teacher_log_probs, batch, "`hidden` without its last axis")
@@ -468,6 +504,7 @@ def linear_sparse_distillation_loss(
         limit=vocab_size,
         axis_name=axis_name,
         temperature_grad=True,
+        shared_cotangents=_vocab.vma_unchecked(axis_name),
     )
     head = _stream.Head(x, weight, bias, 1 / temp)
     out = _stream.stream(spec, (head,), None, None, offset, (None, gids))
