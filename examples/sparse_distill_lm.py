@@ -133,7 +133,7 @@ def save_plot(path, val_ce: dict, val_kl: dict, eval_steps, teacher_ce: float, k
 
 
 def parse_args(argv=None):
-    parser = command_line(__doc__, steps=150, batch_size=16, lr=3e-3, eval_every=25)
+    parser = command_line(__doc__, steps=120, batch_size=16, lr=3e-3, eval_every=25)
     parser.add_argument(
         "--teacher-steps", type=int, default=None, help="teacher training steps (default 2 x steps)"
     )
