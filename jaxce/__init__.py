@@ -52,6 +52,11 @@ from jaxce._softmax import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
 from jaxce._softmax import softmax_focal_loss as softmax_focal_loss
+from jaxce._topk import (
+    linear_sparse_distillation_loss as linear_sparse_distillation_loss,
+)
+from jaxce._topk import sparse_distillation_loss as sparse_distillation_loss
+from jaxce._topk import truncated_log_probs as truncated_log_probs
 
 __version__ = "0.2.0"
 
@@ -74,6 +79,7 @@ __all__ = [
     "linear_log_probs",
     "linear_softmax_cross_entropy",
     "linear_softmax_kl_divergence",
+    "linear_sparse_distillation_loss",
     "nll_loss",
     "ntxent",
     "off_policy_sequence_mask",
@@ -95,5 +101,7 @@ __all__ = [
     "softmax_focal_loss",
     "softmax_kl_divergence",
     "top_entropy_mask",
+    "sparse_distillation_loss",
+    "truncated_log_probs",
     "weighted_mean",
 ]

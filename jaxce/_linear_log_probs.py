@@ -14,7 +14,7 @@ from typing import TypeAlias
 import jax
 import jax.numpy as jnp
 
-from jaxce import _api, _checks, _reduce, _stream, _vocab, _vocab_parallel
+from jaxce import _api, _checks, _numerics, _reduce, _stream, _vocab, _vocab_parallel
 from jaxce._checks import POSITIVE
 
 Array: TypeAlias = jax.Array
@@ -31,6 +31,7 @@ ArrayLike: TypeAlias = jax.typing.ArrayLike
         "vocab_axis",
         "mesh",
         "return_entropy",
+        "top_k",
     ),
     domains={"temperature": POSITIVE, "chunk_size": POSITIVE},
     reverse_mode_only=(
@@ -53,6 +54,7 @@ def linear_log_probs(
     vocab_axis: str | None = None,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     return_entropy: bool = False,
+    top_k: int | None = None,
 ) -> Array | tuple[Array, Array]:
     r"""Per-token log-probabilities of the labels (and the entropy) without the logits.
 
@@ -159,6 +161,15 @@ def linear_log_probs(
       mesh: the mesh that has ``vocab_axis``; ``None`` takes the context mesh
         (``jax.set_mesh``/``jax.sharding.use_mesh``). Only with ``vocab_axis``.
       return_entropy: also return the per-token entropy.
+      top_k: ``None``, or the ``k`` of a top-k sampler, an int in ``[1, vocab_size]``: the
+        outputs are then those of the truncated distribution the sampler drew from,
+        ``softmax`` over the ``k`` largest logits (ties at the k-th keep the smaller ids) and
+        0 elsewhere, as :func:`truncated_log_probs`: ``log_probs`` is ``-inf`` (with a zero
+        gradient) for a label outside the top k, and ``entropy`` is the truncated
+        distribution's. The pass keeps the running top ``k`` logits and their ids per token,
+        merging each block into them (``lax.top_k``) and, under ``axis_name``, the shards'
+        lists once (an all-gather of ``(tokens, k)``): memory ``O(tokens * (chunk_size +
+        k))``; the backward scatters the ``k`` values' cotangents back into their blocks.
 
     Returns:
       ``log_probs`` of shape ``labels.shape`` (at most 0), or with ``return_entropy`` the
@@ -197,7 +208,7 @@ def linear_log_probs(
     return _vocab_parallel.fused(
         functools.partial(
             _log_probs, logit_softcap=logit_softcap, ignore_index=ignore_index,
-            chunk_size=chunk_size, return_entropy=return_entropy,
+            chunk_size=chunk_size, return_entropy=return_entropy, top_k=top_k,
         ),
         hiddens={"hidden": hidden},
         kernels={"weight": weight},
@@ -212,7 +223,7 @@ def linear_log_probs(
 
 def _log_probs(
     hidden, weight, labels, bias, temperature, *, logit_softcap, ignore_index, vocab_size,
-    chunk_size, axis_name, return_entropy,
+    chunk_size, axis_name, return_entropy, top_k,
 ):  # fmt: skip
     """The outputs on one device's arrays (the vocabulary shard under ``axis_name``)."""
     hidden, weight, labels, bias, batch = _vocab.labelled_inputs(hidden, weight, labels, bias)
@@ -244,8 +255,14 @@ def _log_probs(
         x = _vocab.make_varying(x, (axis_name,))
 
     chunk = _vocab.auto_chunk(max(1, num_tokens), local_vocab) if chunk_size is None else chunk_size
+    if top_k is not None and (not _checks.is_int(top_k) or not 1 <= top_k <= vocab_size):
+        raise ValueError(
+            f"`top_k` must be None or an int in [1, {vocab_size}] (the vocabulary), got {top_k!r}."
+        )
     stats: tuple[_stream.Stat, ...] = (_stream.LogNormaliser(), _stream.LabelLogit())
-    if return_entropy:
+    if top_k is not None:
+        stats = (_stream.TopK(k=int(top_k)), _stream.LabelLogit())
+    elif return_entropy:
         stats = (*stats, _stream.Entropy())
     spec = _stream.Spec(
         stats=stats,
@@ -257,7 +274,13 @@ def _log_probs(
     )
     head = _stream.Head(x, weight, bias, inv_t)
     out: tuple[Array, ...] = _stream.stream(spec, (head,), None, y, offset, (None,) * len(stats))  # type: ignore[assignment]
-    lse, label_logit = out[0], out[1]
+    if top_k is not None:
+        (values, top_ids), label_logit = out[0], out[1]  # type: ignore[misc]
+        log_p, entropy = _numerics.truncated_log_prob(
+            values, top_ids, label_logit, safe.reshape(num_tokens).astype(jnp.int32)
+        )
+    else:
+        log_p, entropy = out[1] - out[0], out[2] if return_entropy else None
 
     zero = jnp.zeros((), acc)
     nan = jnp.full((), jnp.nan, acc)
@@ -268,7 +291,8 @@ def _log_probs(
         value = jnp.where(keep, value, zero)
         return jnp.where(invalid, nan, value).reshape(batch)
 
-    log_probs = per_token(label_logit - lse)
+    log_probs = per_token(log_p)
     if not return_entropy:
         return log_probs
-    return log_probs, per_token(out[2])
+    assert entropy is not None
+    return log_probs, per_token(entropy)

@@ -162,3 +162,42 @@ def zero_within(value: Array, bound: Array) -> Array:
     """``value`` with ``|value| <= bound`` (finite values only) replaced by 0, in value only."""
     replace = (jnp.abs(value) <= bound) & jnp.isfinite(value)
     return value_only(value, _zero(value), replace)
+
+
+def log_sum_exp(x: Array, live: Array) -> Array:
+    """``log sum_c exp(x_c)`` over the last axis on ``live`` entries only, to any order.
+
+    ``-inf`` (with zero derivatives) for a row without a live entry; entries off ``live``
+    (``-inf`` padding, say) contribute exactly 0 to the value and every derivative. The shift
+    is the live maximum under ``stop_gradient`` (0 where it is not finite); a NaN stays NaN.
+    """
+    m = jnp.max(jnp.where(live, x, -jnp.inf), axis=-1)
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, _zero(m)))
+    shifted = jnp.where(live, x, m[..., None]) - m[..., None]
+    e = jnp.where(live, jnp.exp(shifted), _zero(x))
+    return m + safe_log(jnp.sum(e, axis=-1))
+
+
+def softmax_entropy(x: Array, lse: Array, live: Array) -> Array:
+    r"""``-sum_c p_c log p_c`` of ``p = exp(x - lse)`` on ``live`` entries, termwise.
+
+    :math:`\sum_c p_c (\mathrm{lse} - x_c)`, a sum of non-negative terms; a ``-inf`` entry
+    (probability 0) contributes exactly 0 to the value and every derivative.
+    """
+    on = live & (x != -jnp.inf)
+    gap = jnp.where(on, lse[..., None] - jnp.where(on, x, _zero(x)), _zero(x))
+    p = jnp.where(on, jnp.exp(-gap), _zero(x))
+    return jnp.sum(p * gap, axis=-1)
+
+
+def truncated_log_prob(values: Array, ids: Array, label_logit: Array, labels: Array):
+    """``(log p_y, H)`` of the distribution renormalised over the ``(..., k)`` top ``values``
+    at ``ids`` (a top-k sampler's): ``-inf`` with a zero derivative for a label not among the
+    ids, NaN where a value is NaN; ``-inf`` values (fewer real classes) have probability 0.
+    """
+    live = values != -jnp.inf
+    lse = log_sum_exp(values, live)
+    inside = jnp.any(ids == labels[..., None], axis=-1)
+    log_p = jnp.where(inside, label_logit - jnp.where(inside, lse, _zero(lse)), -jnp.inf)
+    log_p = jnp.where(jnp.isnan(lse), jnp.nan, log_p)
+    return log_p, softmax_entropy(values, lse, live)

@@ -203,6 +203,7 @@ class Final(NamedTuple):
     axis_name: str | None
     param: Any
     first: Any
+    offset: Any = None  # global id of local column 0
 
 
 class Bwd(NamedTuple):
@@ -213,6 +214,7 @@ class Bwd(NamedTuple):
     lse: tuple[Array, ...]
     y: Any
     param: Any
+    offset: Any = None  # global id of local column 0
 
 
 # --------------------------------------------------------------------------------- statistics
@@ -240,6 +242,12 @@ class Stat:
     def grads(self, g: Array, residual, t: Bwd) -> tuple[tuple[Array | None, ...], Any, Any]:
         """``(d output / d z per head (None: zero), d param summed over the block, d u)``."""
         raise NotImplementedError  # pragma: no cover
+
+    def cotangent(self, g):
+        """The differentiable part of the output's cotangent (a statistic whose output is a
+        tuple with non-differentiable parts picks its array here).
+        """
+        return g
 
 
 @dataclasses.dataclass(frozen=True)
@@ -492,11 +500,143 @@ def _js_terms(blk: Block, lse, ratio, beta):
     return p, q, rp, rq, weighted(beta * p, rp), weighted((1 - beta) * q, rq)
 
 
+def _block_positions(ids: Array, t) -> tuple[Array, Array]:
+    """``(position, hit)`` of global column ``ids (N, k)`` in the block ``t.block``: the
+    position in the block (0 where not hit) and whether the id is a fresh real column of it.
+    """
+    blk = t.block
+    width = blk.cols.shape[0]
+    pos = (ids - t.offset - blk.start).astype(jnp.int32)
+    inside = (pos >= 0) & (pos < width)
+    pos = jnp.where(inside, pos, 0)
+    return pos, inside & blk.valid[0][pos]
+
+
+def _gather_block(z: Array, ids: Array, t) -> Array:
+    """``z`` of the block at global ``ids (N, k)``, 0 where an id is not in the block."""
+    pos, hit = _block_positions(ids, t)
+    return jnp.where(hit, jnp.take_along_axis(z, pos, axis=1), jnp.zeros((), z.dtype))
+
+
+def _scatter_block(g: Array, ids: Array, t) -> Array:
+    """The ``(N, C)`` block gradient of gathering at global ``ids``: ``g (N, k)`` added at
+    the ids in the block (repeated ids add up), nothing elsewhere.
+    """
+    pos, hit = _block_positions(ids, t)
+    n, width = t.block.z[0].shape
+    pos = jnp.where(hit, pos, width)  # out of bounds: dropped
+    rows = jnp.broadcast_to(jnp.arange(n)[:, None], pos.shape)
+    return jnp.zeros((n, width), g.dtype).at[rows, pos].add(g, mode="drop")
+
+
+@dataclasses.dataclass(frozen=True)
+class GatheredLogits(Stat):
+    """Head 0's logits ``z[i, ids[i, j]]`` at ``width`` global ids per token: ``(N, width)``.
+
+    The ids are the traced parameter (``int32 (N, width)``; an id outside ``[0, V)`` gives 0).
+    A block gathers the ids that fall in it; the gradient scatters the cotangent back into the
+    block (one ``(N, width)`` scatter-add per block, never an ``(N, C, width)`` comparison).
+    """
+
+    width: int = 1
+
+    def init(self, rows):
+        return rows[:, None] * jnp.zeros((1, self.width), rows.dtype)
+
+    def update(self, carry, t):
+        return carry + _gather_block(t.block.z[0], t.param, t)
+
+    def grads(self, g, residual, t):
+        return (_scatter_block(g, t.param, t),), None, None
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK(Stat):
+    """Head 0's ``k`` largest real logits and their global ids, ``((N, k), (N, k) int32)``.
+
+    Sorted in decreasing order; ties keep the smaller id. Each block merges its logits with
+    the running ``k`` (``lax.top_k`` is stable and the running entries, from earlier blocks,
+    have the smaller ids); under ``axis_name`` the shards' lists are all-gathered in shard
+    order (``(N, shards * k)``) and merged once more. A row with fewer than ``k`` real
+    columns in a shard pads its list with ``-inf`` at id ``-1``. A row whose log-normaliser is
+    NaN (a NaN logit anywhere) gets NaN values. Only the values are differentiable: the
+    gradient scatters their cotangent back to the ids.
+    """
+
+    k: int = 1
+
+    def init(self, rows):
+        values = rows[:, None] - jnp.full((1, self.k), jnp.inf, rows.dtype)
+        return values, _vocab.varying_like(jnp.full(values.shape, -1, jnp.int32), rows)
+
+    def update(self, carry, t):
+        values, ids = carry
+        blk = t.block
+        z = jnp.where(blk.valid, blk.z[0], -jnp.inf)
+        cols = jnp.where(blk.valid[0], (t.offset + blk.cols).astype(jnp.int32), -1)
+        return _top_k(
+            jnp.concatenate([values, z], axis=1),
+            jnp.concatenate([ids, jnp.broadcast_to(cols, z.shape)], axis=1),
+            self.k,
+        )
+
+    def finish(self, carry, f):
+        values, ids = carry
+        if f.axis_name is not None:
+            values, ids = _top_k(
+                _gather_shards(values, f.axis_name), _gather_shards(ids, f.axis_name), self.k
+            )
+        values = jnp.where(jnp.isnan(f.lse[0])[:, None], jnp.nan, values)
+        return (values, ids), ids
+
+    def cotangent(self, g):
+        return g[0]
+
+    def grads(self, g, ids, t):
+        return (_scatter_block(g, ids, t),), None, None
+
+
+def _gather_shards(x: Array, axis_name: str) -> Array:
+    """``(N, k)`` per shard -> ``(N, shards * k)`` in shard order, the same on every shard.
+
+    A ``psum`` of each shard's block placed in its slot (exact: the other slots add zeros)
+    rather than ``all_gather``, whose result ``shard_map`` types as still device-varying.
+    """
+    count, index = lax.axis_size(axis_name), lax.axis_index(axis_name)
+    slots = jnp.zeros((count, *x.shape), x.dtype)
+    slots = lax.dynamic_update_index_in_dim(slots, x, index, 0)
+    slots = lax.psum(slots, axis_name)
+    return jnp.moveaxis(slots, 0, 1).reshape(x.shape[0], count * x.shape[1])
+
+
+def _top_k(values: Array, ids: Array, k: int) -> tuple[Array, Array]:
+    top, where = lax.top_k(values, k)
+    return top, jnp.take_along_axis(ids, where, axis=1)
+
+
 def _only(head: int, dz: Array) -> tuple[Array | None, ...]:
     return tuple(dz if k == head else None for k in range(head + 1))
 
 
 # ------------------------------------------------------------------------------ the engine
+
+
+def _live_cotangent(stat: Stat, g) -> Array | None:
+    """The cotangent a statistic's ``grads`` gets, or ``None`` when it takes no part."""
+    if not stat.differentiable or g is None or type(g) is SymbolicZero:
+        return None
+    g = stat.cotangent(g)
+    return None if g is None or type(g) is SymbolicZero else g
+
+
+def _per_token(x: Array) -> Array:
+    """An ``(N, ...)`` boolean reduced to ``(N,)`` with ``any``."""
+    return x if x.ndim <= 1 else jnp.any(x, axis=tuple(range(1, x.ndim)))
+
+
+def _inexact(param) -> bool:
+    """A parameter that gets a cotangent (integer parameters, e.g. ids, get none)."""
+    return param is not None and jnp.issubdtype(jnp.result_type(param), jnp.inexact)
 
 
 def _scan(spec: Spec, heads, body, init, *, reverse: bool = False):
@@ -556,7 +696,7 @@ def forward(spec: Spec, heads, u, y, offset, params):
     lse = tuple(_global_lse(v, spec.axis_name) for v in lse_local)
     outputs, residuals = [], []
     for k, stat in enumerate(spec.stats):
-        f = Final(states, lse_local, lse, spec.axis_name, params[k], None)
+        f = Final(states, lse_local, lse, spec.axis_name, params[k], None, offset)
         out, res = stat.finish(carries[k], f)
         outputs.append(out)
         residuals.append(res)
@@ -566,7 +706,7 @@ def forward(spec: Spec, heads, u, y, offset, params):
         )
         _, carries = _pass(spec, heads, u, y, offset, params, first, lse)
         for k in carries:
-            f = Final(states, lse_local, lse, spec.axis_name, params[k], first[k])
+            f = Final(states, lse_local, lse, spec.axis_name, params[k], first[k], offset)
             outputs[k], residuals[k] = spec.stats[k].finish(carries[k], f)
     return tuple(outputs), (tuple(residuals), lse)
 
@@ -581,16 +721,15 @@ def gradients(
     """
     acc = acc_dtype(heads)
     zero = jnp.zeros((), acc)
-    live = [
-        k
-        for k, (s, g) in enumerate(zip(spec.stats, cotangents, strict=True))
-        if s.differentiable and g is not None and type(g) is not SymbolicZero
-    ]
-    gs = {k: cotangents[k].astype(acc) for k in live}
+    picked = [_live_cotangent(s, g) for s, g in zip(spec.stats, cotangents, strict=True)]
+    live = [k for k, g in enumerate(picked) if g is not None]
+    gs = {k: picked[k].astype(acc) for k in live}  # type: ignore[union-attr]
     uses_p = {h for k in live for h in spec.stats[k].uses_p}
     # Tokens with a zero cotangent take no part: selects, not products, keep a NaN in their
     # hidden state out of the gradient (0 * NaN is NaN).
-    active = functools.reduce(jnp.logical_or, (g != 0 for g in gs.values()), jnp.zeros((), bool))
+    active = functools.reduce(
+        jnp.logical_or, (_per_token(g != 0) for g in gs.values()), jnp.zeros((), bool)
+    )
     active = jnp.broadcast_to(active, (heads[0].x.shape[0],))
     x_active = [jnp.where(active[:, None], h.x, jnp.zeros((), h.x.dtype)) for h in heads]
     operand = [jnp.result_type(h.x.dtype, h.w.dtype) for h in heads]
@@ -613,7 +752,7 @@ def gradients(
             jnp.where(blk.valid, jnp.exp(z - v[:, None]), zero) if k in uses_p else None
             for k, (z, v) in enumerate(zip(blk.z, lse, strict=True))
         )
-        t = Bwd(blk, p, lse, y, None)
+        t = Bwd(blk, p, lse, y, None, offset)
         dz: list[Any] = [None] * len(heads)
         d_par = list(d_par)
         for k in live:
@@ -658,7 +797,7 @@ def gradients(
         None if u is None else jnp.zeros(u.shape, u.dtype),
         tuple(inv_zero(h, want) for h, want in zip(heads, want_inv, strict=True)),
         tuple(
-            None if params[k] is None else jnp.zeros(jnp.shape(params[k]), acc)
+            None if not _inexact(params[k]) else jnp.zeros(jnp.shape(params[k]), acc)
             for k in range(len(spec.stats))
         ),
     )
@@ -725,15 +864,25 @@ def _stream_fwd(spec, heads, u, y, offset, params):
     return outputs, (heads, u, y, offset, params, residuals, lse)
 
 
+def _summed_share(g, axis_name):
+    """A cotangent share summed over the axis (a tuple output part by part; integer parts,
+    whose cotangents are ``float0``, and symbolic zeros as they are).
+    """
+    if g is None or type(g) is SymbolicZero:
+        return g
+    if isinstance(g, tuple):
+        return tuple(_summed_share(part, axis_name) for part in g)
+    if not jnp.issubdtype(g.dtype, jnp.inexact):
+        return g
+    return lax.psum(g, axis_name)
+
+
 def _stream_bwd(spec, res, cotangents):
     heads, u, y, offset, params, residuals, lse = res
     if spec.shared_cotangents:
         # The outputs are combined over the axis; their cotangents arrive as per-device
         # shares (check_vma=False): the full cotangent is their sum, as psum's transpose.
-        cotangents = tuple(
-            g if g is None or type(g) is SymbolicZero else lax.psum(g, spec.axis_name)
-            for g in cotangents
-        )
+        cotangents = tuple(_summed_share(g, spec.axis_name) for g in cotangents)
     d_heads, du, d_params = gradients(spec, heads, u, y, offset, params, residuals, lse, cotangents)
     return d_heads, du, None, None, d_params
 

@@ -344,6 +344,64 @@ def _linear_logits(h, w, b=None):
     return z if b is None else z + b
 
 
+def _sparse_kl_ref(z, ids, t, temperature=1.0, tail="bucket"):
+    """Top-k sparse distillation in float64: the k ids plus a tail class, or renormalised."""
+    s = np.take_along_axis(log_softmax(z / temperature), ids.astype(int), -1)
+    if tail == "renormalize":
+        s = s - np.log(np.exp(s).sum(-1, keepdims=True))
+        t = t - np.log(np.exp(t).sum(-1, keepdims=True))
+    else:
+        s = np.concatenate([s, np.log(1 - np.exp(s).sum(-1, keepdims=True))], -1)
+        t = np.concatenate([t, np.log(1 - np.exp(t).sum(-1, keepdims=True))], -1)
+    return temperature**2 * np.sum(np.exp(t) * (t - s), -1)
+
+
+def _teacher_top_k(rng, n, c, k=3):
+    """A teacher's top-k ids and log-probabilities (mass well below 1: a tail to hold)."""
+    lp = log_softmax(rng.normal(size=(n, c)))
+    ids = np.argsort(-lp, -1, kind="stable")[:, :k].astype(np.int32)
+    return ids, np.take_along_axis(lp, ids, -1)
+
+
+def _truncated_ref(z, y, k):
+    """``(log p~_y, H~)``: the softmax over the k largest logits (ties: the smaller ids)."""
+    order = np.argsort(-z, -1, kind="stable")[:, :k]
+    top = np.take_along_axis(z, order, -1)
+    lse = np.log(np.exp(top - top.max(-1, keepdims=True)).sum(-1)) + top.max(-1)
+    inside = np.any(order == y[:, None], -1)
+    lp = np.where(inside, np.take_along_axis(z, y[:, None].astype(int), -1)[:, 0] - lse, -np.inf)
+    p = np.exp(top - lse[:, None])
+    return lp, -np.sum(p * np.log(p), -1)
+
+
+def _sparse_fused_inputs(r, n):
+    return (
+        r.normal(size=(n, D)),
+        r.normal(size=(D, V)) / 2,
+        r.normal(size=V),
+        *_teacher_top_k(r, n, V),
+    )
+
+
+def _sparse_inputs(r, n):
+    return (_logits(r, n), *_teacher_top_k(r, n, C))
+
+
+def _sparse_identical(s):
+    ids = np.argsort(-s, -1, kind="stable")[:, :8].astype(np.int32)
+    return s, ids, np.take_along_axis(log_softmax(s), ids, -1)
+
+
+def _truncated_inputs(r, n):
+    z = _logits(r, n)
+    return z, np.argsort(-z, -1, kind="stable")[:, 1].astype(np.int32)  # in the top 3
+
+
+def _top_k_inputs(r, n):
+    h, w, b = r.normal(size=(n, D)), r.normal(size=(D, V)) / 2, r.normal(size=V)
+    return h, w, b, np.argmax(_linear_logits(h, w, b), -1).astype(np.int32)
+
+
 def _fused_aux_reference(h, w, b, y):
     z = 3.0 * np.tanh(_linear_logits(h, w, b) / 3.0)
     lse = np.log(np.sum(np.exp(z), -1))
@@ -435,6 +493,11 @@ def _bind(fn, *, keywords=(), reduction_name="reduction", default="none", **defa
         return fn(*args, **kwargs, **{**defaults, **options})
 
     return call
+
+
+def _no_reduction(fn):
+    """``call`` for a function without a reduction argument."""
+    return _bind(fn, reduction_name=None)
 
 
 def _module(cls, **defaults):
@@ -754,6 +817,23 @@ def _fused_entries() -> list[Entry]:
             domains=(("beta", 1.5), ("temperature", -1.0)),
             **distill,
         ),
+        Entry(
+            "linear_sparse_distillation_loss",
+            "jaxce.linear_sparse_distillation_loss",
+            _sparse_fused_inputs,
+            _bind(
+                jaxce.linear_sparse_distillation_loss,
+                keywords=((2, "bias"),),
+                temperature=1.5,
+                chunk_size=3,
+            ),
+            ("hidden", "weight", "bias", "teacher_ids", "teacher_log_probs"),
+            (0, 1, 2, 4),
+            lambda h, w, b, ids, t: _sparse_kl_ref(_linear_logits(h, w, b), ids, t, 1.5),
+            batched=(0, 3, 4),
+            domains=(("temperature", 0.0), ("chunk_size", 0)),
+            **_FUSED,
+        ),
     ]
 
 
@@ -1010,7 +1090,7 @@ def _posttrain_entries() -> list[Entry]:
             empty_reduced={"token_mean": 0.0, "sequence_mean": 0.0},
         )
     )
-    e += _policy_correction_entries(pg, pg_inputs)
+    e += _policy_correction_entries(_pending("policy_gradient_loss"), _policy_inputs)
     return e
 
 
@@ -1146,6 +1226,71 @@ def _policy_correction_entries(pg, pg_inputs) -> list[Entry]:
             keeps_dtype=True,
             domains=(("fraction", 1.5),),
             needs="top_entropy_mask",
+        )
+    )
+    e += _sparse_entries()
+    return e
+
+
+def _sparse_entries() -> list[Entry]:
+    """Top-k sparse distillation and the sampler-truncated log-probabilities."""
+    e = []
+    for tail in ("bucket", "renormalize"):
+        e.append(
+            Entry(
+                f"sparse_distillation_loss[{tail}]",
+                "jaxce.sparse_distillation_loss",
+                _sparse_inputs,
+                _bind(jaxce.sparse_distillation_loss, tail=tail, temperature=2.0),
+                ("logits", "teacher_ids", "teacher_log_probs"),
+                (0, 2),
+                lambda z, ids, t, tail=tail: _sparse_kl_ref(z, ids, t, 2.0, tail),
+                identical=_sparse_identical,
+                identical_options=({"temperature": 1.0},),
+                domains=(("temperature", -1.0),),
+                unsupported=(
+                    Unsupported(
+                        "tail-drop",
+                        lambda e, a: jaxce.sparse_distillation_loss(*a, tail="drop"),
+                        ValueError,
+                        "tail",
+                        "the tail mass is kept (bucket) or renormalised away, never dropped",
+                    ),
+                ),
+            )
+        )
+    e.append(
+        Entry(
+            "truncated_log_probs",
+            "jaxce.truncated_log_probs",
+            _truncated_inputs,
+            _bind(jaxce.truncated_log_probs, reduction_name=None, return_entropy=True, top_k=3),
+            ("logits", "labels"),
+            (0,),
+            lambda z, y: _truncated_ref(z, y, 3),
+            reductions=(None,),
+            domains=(("top_k", 0), ("temperature", 0.0)),
+        )
+    )
+    e.append(
+        Entry(
+            "linear_log_probs[top_k]",
+            "jaxce.linear_log_probs",
+            _top_k_inputs,
+            _bind(
+                jaxce.linear_log_probs,
+                keywords=((2, "bias"),),
+                reduction_name=None,
+                return_entropy=True,
+                top_k=3,
+                chunk_size=3,
+            ),
+            ("hidden", "weight", "bias", "labels"),
+            (0, 1, 2),
+            lambda h, w, b, y: _truncated_ref(_linear_logits(h, w, b), y, 3),
+            reductions=(None,),
+            batched=(0, 3),
+            **_FUSED,
         )
     )
     return e
