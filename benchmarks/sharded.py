@@ -31,9 +31,15 @@ Losses and methods:
   entropy as ``optax.softmax_cross_entropy(z, softmax(z))``).
 
 A method that does not trace or compile on a layout is reported with its error, not skipped
-silently.
+silently. Where a materialised peer does not trace (on an Explicit mesh, a label gather from
+vocab-sharded logits), it is measured again on the weight gathered whole on every device
+(``jax.sharding.reshard(W, P())``, as FSDP does), and marked ``*``.
 
-    python benchmarks/sharded.py [--reps 3] [--shape N,D,V] [--quick]
+    python benchmarks/sharded.py [--reps 3] [--shape N,D,V] [--layout NAME] [--quick]
+
+``--reps 0`` times only the one run after compiling (the materialised peers on a gathered
+weight take minutes a run on a small CPU); ``--no-run`` only compiles (the temporaries and the
+collectives do not depend on the machine's load).
 
 The script sets ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` itself (before JAX
 starts) unless ``XLA_FLAGS`` already fixes a device count.
@@ -51,6 +57,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import re  # noqa: E402
+import time  # noqa: E402
 from collections import Counter  # noqa: E402
 
 import jax  # noqa: E402
@@ -77,7 +84,7 @@ LAYOUTS = {  # name: (axis type, weight spec, keywords of the fused call)
     "explicit-fsdp": (AxisType.Explicit, P("model", None), {}),
     "auto-vocab": (AxisType.Auto, P(None, "model"), {"vocab_axis": "model"}),
 }
-PEERS = ("mat-jaxce", "mat-optax")
+PEERS = ("mat-jaxce", "mat-optax", "mat-jaxce*", "mat-optax*")
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}  # fmt: skip
@@ -88,6 +95,20 @@ DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16"
 
 def logits(h, w):
     return jnp.dot(h, w, preferred_element_type=jnp.float32)
+
+
+def row_whole(loss):
+    """``loss`` on the weight gathered whole (``reshard(W, P())``): logits ``P("data", None)``.
+
+    On an Explicit mesh ``h @ W`` with a vocab-sharded ``W`` gives vocab-sharded logits, and a
+    label gather from them has no output sharding JAX can infer; where the loss then refuses
+    to trace, this is the materialised loss a user can write there (FSDP's gather).
+    """
+
+    def whole(h, w, *rest):
+        return loss(h, jax.sharding.reshard(w, P()), *rest)
+
+    return whole
 
 
 def ce_fused(**keywords):
@@ -138,6 +159,9 @@ def methods(loss: str, keywords: dict) -> dict:
     return found | {"mat-jaxce": mat_jaxce, "mat-optax": mat_optax}
 
 
+FALLBACKS = {"mat-jaxce": "mat-jaxce*", "mat-optax": "mat-optax*"}  # * : row_whole
+
+
 # ------------------------------------------------------------------- what a program contains
 
 
@@ -178,7 +202,7 @@ def collectives(hlo: str) -> dict[str, dict]:
         entry = found.setdefault(match["op"], Counter())
         entry["count"] += 1
         entry["bytes"] += sum(sizes)
-        entry["largest"] = max(entry["largest"], max(sizes, default=0))
+        entry["largest"] = max(entry["largest"], sum(sizes))
         entry["nested"] += 0 if in_entry else 1
     return found
 
@@ -204,25 +228,35 @@ def _mib(n: float) -> str:
 # ------------------------------------------------------------------------------- measuring
 
 
-def compile_step(loss, args):
-    """``(run, temp_bytes, collectives, value, dweight_spec)`` or an error string."""
+def compile_step(loss, args, execute: bool = True):
+    """``(run, temp_bytes, collectives, value, dweight_sharding, first_time)`` or an error.
+
+    The compiled step runs once (unless ``execute`` is false: then value, sharding and time
+    are ``None``), timed: ``first_time`` is the time of that first run after compiling.
+    """
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    value = dw = seconds = None
     try:
         compiled = step.lower(*args).compile()
-        value, (_, dw) = jax.block_until_ready(compiled(*args))
+        if execute:
+            start = time.perf_counter()
+            value, (_, dw) = jax.block_until_ready(compiled(*args))
+            seconds = time.perf_counter() - start
     except Exception as error:  # noqa: BLE001  # reported, not hidden
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         return f"{type(error).__name__}: {first[:160]}"
     temp = compiled.memory_analysis().temp_size_in_bytes
     found = collectives(compiled.as_text())
-    return (lambda: jax.block_until_ready(compiled(*args))), temp, found, float(value), dw
+    run = lambda: jax.block_until_ready(compiled(*args))  # noqa: E731
+    value = None if value is None else float(value)
+    return run, temp, found, value, None if dw is None else dw.sharding.spec, seconds
 
 
 def place(arrays, specs):
     return [jax.device_put(a, spec) for a, spec in zip(arrays, specs, strict=True)]
 
 
-def run_layout(name, rng, shape, dtype, reps):
+def run_layout(name, rng, shape, dtype, reps, execute):
     axis_type, weight_spec, keywords = LAYOUTS[name]
     n, d, v = shape
     mesh = jax.make_mesh(MESH_SHAPE, MESH_AXES, axis_types=(axis_type,) * len(MESH_AXES))
@@ -235,29 +269,38 @@ def run_layout(name, rng, shape, dtype, reps):
         logp_args = [*ce_args, *place((a, c), (P("data"), P("data")))]
         for loss, args in (("ce", ce_args), ("logp", logp_args)):
             print(f"{name} {loss}: weight {weight_spec} ({_mib(weight_bytes)} whole)", flush=True)
-            results = {m: compile_step(f, args) for m, f in methods(loss, keywords).items()}
-            report(results, reps)
+            results = {}
+            for method, f in methods(loss, keywords).items():
+                results[method] = compile_step(f, args, execute)
+                if isinstance(results[method], str) and method in FALLBACKS:
+                    results[FALLBACKS[method]] = compile_step(row_whole(f), args, execute)
+            report(results, reps, execute)
 
 
-def report(results: dict, reps: int) -> None:
+def report(results: dict, reps: int, execute: bool) -> None:
     ok = {m: r for m, r in results.items() if not isinstance(r, str)}
-    times = interleaved_times({m: r[0] for m, r in ok.items()}, reps) if ok else {}
-    med = {m: float(np.median(ts)) for m, ts in times.items()}
+    if not execute:
+        med = {}
+    elif reps == 0:  # the first run after compiling, nothing else
+        med = {m: r[5] for m, r in ok.items()}
+    else:
+        times = interleaved_times({m: r[0] for m, r in ok.items()}, reps) if ok else {}
+        med = {m: float(np.median(ts)) for m, ts in times.items()}
     reference = next((ok[m][3] for m in PEERS if m in ok), None)
     for method, result in results.items():
         if isinstance(result, str):
             print(f"  {method:>11}: does not run: {result}")
             continue
-        _, temp, found, value, dw = result
+        _, temp, found, value, dw_spec, _ = result
         time_ratios = ", ".join(f"{med[method] / med[p]:.2f}x {p}" for p in PEERS if p in med)
         temp_ratios = ", ".join(
             f"{temp / ok[p][1]:.3f} of {p}" for p in PEERS if p in ok and ok[p][1]
         )
-        error = f"  |value - mat| {abs(value - reference):.1e}" if reference is not None else ""
-        print(
-            f"  {method:>11}: {med[method]:6.3f} s ({time_ratios or 'no peer'})  temp "
-            f"{_mib(temp)} ({temp_ratios or 'no peer'})  dW {dw.sharding.spec}{error}"
-        )
+        timing = f"{med[method]:6.3f} s ({time_ratios or 'no peer'})  " if med else ""
+        checks = f"  dW {dw_spec}" if execute else ""
+        if execute and reference is not None:
+            checks += f"  |value - mat| {abs(value - reference):.1e}"
+        print(f"  {method:>11}: {timing}temp {_mib(temp)} ({temp_ratios or 'no peer'}){checks}")
         print(f"  {'':>11}  collectives: {describe_collectives(found)}")
     print(f"  load average {os.getloadavg()}", flush=True)
 
@@ -268,22 +311,36 @@ def main():
     parser.add_argument(
         "--quick", action="store_true", help=f"one small shape {QUICK_SHAPE}, one rep"
     )
-    parser.add_argument("--layout", action="append", choices=sorted(LAYOUTS))
+    parser.add_argument(
+        "--layout", action="append", choices=sorted(LAYOUTS), help="repeatable; default: all"
+    )
+    parser.add_argument(
+        "--no-run",
+        action="store_true",
+        help="compile only: temporaries and collectives, no time and no value check",
+    )
     opts = parser.parse_args()
     shapes = [QUICK_SHAPE] if opts.quick else opts.shape or SHAPES
     reps = 1 if opts.quick else opts.reps
+    timing = (
+        "not timed"
+        if opts.no_run
+        else (
+            f"median of {reps} interleaved after a warm-up" if reps else "one run after compiling"
+        )
+    )
     dtype = jnp.dtype(opts.dtype)
     print(
         f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, jax {jax.__version__}, "
         f"{len(jax.devices())} x {jax.devices()[0].device_kind} devices on {machine()}, mesh "
-        f"{dict(zip(MESH_AXES, MESH_SHAPE, strict=True))}, dtype={dtype.name}, median of "
-        f"{reps} interleaved after a warm-up, load average {os.getloadavg()}"
+        f"{dict(zip(MESH_AXES, MESH_SHAPE, strict=True))}, dtype={dtype.name}, {timing}, "
+        f"load average {os.getloadavg()}"
     )
     rng = np.random.default_rng(0)
     for shape in shapes:
         print(f"N={shape[0]} D={shape[1]} V={shape[2]}")
         for name in opts.layout or LAYOUTS:
-            run_layout(name, rng, shape, dtype, reps)
+            run_layout(name, rng, shape, dtype, reps, not opts.no_run)
         print(flush=True)
 
 
