@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from jaxce import _api, _checks, _reduce, _stream, _vocab
+from jaxce import _api, _checks, _reduce, _stream, _vocab, _vocab_parallel
 from jaxce._checks import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, Reduction
 
 Array: TypeAlias = jax.Array
@@ -72,6 +72,7 @@ class _Config(NamedTuple):
     want_sum: bool  # compute S = sum_c u_c z_c over real classes (label smoothing)
     want_argmax: bool
     axis_name: str | None  # vocab-parallel mesh axis (only ``_total`` combines inside)
+    vma_off: bool = False  # inside shard_map(check_vma=False): cotangents come as shares
 
 
 # --------------------------------------------------------------------------- statistics
@@ -96,7 +97,7 @@ def _spec(cfg: _Config, stats: tuple[_stream.Stat, ...] | None = None) -> _strea
             stats = (*stats, _stream.Argmax())
     return _stream.Spec(
         stats=stats, chunk=cfg.chunk, limit=cfg.limit, axis_name=cfg.axis_name,
-        softcap=cfg.softcap,
+        softcap=cfg.softcap, shared_cotangents=cfg.vma_off,
     )  # fmt: skip
 
 
@@ -357,6 +358,14 @@ def _total_bwd(cfg, res, cotangents):
     acc = _reduce.compute_dtype(x.dtype, w.dtype)
     if type(g_total) is SymbolicZero:
         g_total = jnp.zeros((), acc)
+    share = g_total
+    if cfg.vma_off:
+        # check_vma=False: the cotangents of the combined outputs are per-device shares; the
+        # gradients of the shards need their sum (psum's transpose), the coefficients'
+        # (replicated, summed back by the caller's transposes) keep the share.
+        g_total = lax.psum(g_total, cfg.axis_name)
+        if type(g_lse) is not SymbolicZero:
+            g_lse = lax.psum(g_lse, cfg.axis_name)
     dx, dw, db, du = (_scale(g_total, ct) for ct in (dx, dw, db, du))
     if type(g_lse) is not SymbolicZero:
         # A differentiated aux.lse: its per-token cotangent is only known now, so pay the
@@ -374,7 +383,7 @@ def _total_bwd(cfg, res, cotangents):
     dx, dw, db, du = _local_cotangents(dx, dw, db, du, x, w, b, u)
     dx = jnp.zeros(x.shape, x.dtype) if dx is None else dx
     dw = jnp.zeros(w.shape, w.dtype) if dw is None else dw
-    kept = lambda v: g_total * jnp.where(keep, v, jnp.zeros((), v.dtype))  # noqa: E731
+    kept = lambda v: share * jnp.where(keep, v, jnp.zeros((), v.dtype))  # noqa: E731
     d_coef = _Coef(
         alpha=kept(lse),
         beta=kept(zy),
@@ -412,6 +421,8 @@ def _hyperparameter(value, name: str, dtype, domain: _checks.Domain):
         "reduction",
         "chunk_size",
         "axis_name",
+        "vocab_axis",
+        "mesh",
         "vocab_size",
         "return_aux",
     ),
@@ -436,6 +447,8 @@ def linear_softmax_cross_entropy(
     reduction: Reduction = "none",
     chunk_size: int | None = None,
     axis_name: str | None = None,
+    vocab_axis: str | None = None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     vocab_size: int | None = None,
     return_aux: bool = False,
 ):
@@ -496,6 +509,29 @@ def linear_softmax_cross_entropy(
     :func:`softmax_cross_entropy_with_integer_labels` of the materialised logits; through
     ``jax.jit`` (or ``jax.linearize``) JAX raises its own ``TypeError`` about forward-mode
     autodiff of a ``custom_vjp``.
+
+    **On a mesh under plain** ``jax.jit`` (global arrays, no ``shard_map``). Data parallel:
+    hidden states and per-token arrays sharded over any batch axes of a mesh of either axis
+    type, kernels replicated; the result and every gradient equal the unsharded call, the
+    gradients keep their inputs' shardings and per-token outputs keep the tokens' sharding,
+    with no collective for them. Vocabulary parallel, never gathering a kernel whole: on an
+    **Explicit** mesh (``jax.make_mesh``'s default, with ``jax.set_mesh``) automatically,
+    when ``weight`` is sharded over its columns (``P(None, "model")``: ``bias`` and
+    ``class_weights`` sharded alike) or over ``D``
+    only (``P("model", None)``, FSDP: re-laid out over the vocabulary by
+    ``jax.sharding.reshard``, an all-to-all); on an **Auto** mesh by opting in with
+    ``vocab_axis="model"`` (the context mesh, or ``mesh=``), padding a vocabulary that does
+    not divide the shard count. Each device then streams its vocabulary shard (as with
+    ``axis_name`` below), the tokens staying on their batch axes; the gradients of the
+    kernels come back sharded over the vocabulary (on an Explicit mesh, with the kernels'
+    own sharding). The dispatch is ``jaxce._vocab_parallel.fused``, shared by every fused
+    loss::
+
+        mesh = jax.make_mesh((2, 4), ("data", "model"))     # Explicit axes
+        with jax.set_mesh(mesh):
+            hidden = jax.device_put(hidden, P("data", None))
+            weight = jax.device_put(weight, P(None, "model"))  # vocab-parallel over "model"
+            ...                                            # then call the loss under jax.jit
 
     **Vocab-parallel.** With ``axis_name``, call it inside ``jax.shard_map`` with ``weight``
     (and ``bias``, ``class_weights``) sharded over the vocabulary along that mesh axis and
@@ -558,6 +594,12 @@ def linear_softmax_cross_entropy(
         never shrunk and ``weight`` is never padded or copied).
       axis_name: mesh axis over which ``weight`` is vocabulary-sharded (inside
         ``shard_map``), or ``None``.
+      vocab_axis: mesh axis (or tuple of axes) to shard the vocabulary over under plain
+        ``jax.jit`` (global arrays, no ``shard_map`` of yours); needed on a mesh of Auto
+        axes only: on an Explicit mesh the axis is read from the kernel's sharding, and
+        ``vocab_axis`` overrides it. Mutually exclusive with ``axis_name`` (``ValueError``).
+      mesh: the mesh that has ``vocab_axis``; ``None`` takes the context mesh
+        (``jax.set_mesh``/``jax.sharding.use_mesh``). Only with ``vocab_axis``.
       vocab_size: number of real classes when ``weight`` carries padding columns at the end
         (global count under ``axis_name``); ``None`` means all ``V`` columns are classes.
       return_aux: also return per-token :class:`LinearCrossEntropyAux` (``lse``, ``z_loss``,
@@ -601,6 +643,31 @@ def linear_softmax_cross_entropy(
       Cross-Entropy), 2024; Hsu et al., *Liger Kernel: Efficient Triton Kernels for LLM
       Training*, 2024; Shoeybi et al., *Megatron-LM* (vocab-parallel cross-entropy), 2019.
     """
+    _checks.reduction(reduction)
+    return _vocab_parallel.fused(
+        functools.partial(
+            _cross_entropy, ignore_index=ignore_index, logit_softcap=logit_softcap,
+            chunk_size=chunk_size, return_aux=return_aux,
+        ),
+        hiddens={"hidden": hidden},
+        kernels={"weight": weight},
+        columns={"bias": bias, "class_weights": class_weights},
+        tokens={"labels": labels, "sample_weights": sample_weights},
+        shared={"label_smoothing": label_smoothing, "z_loss": z_loss},
+        reduction=reduction,
+        has_aux=bool(return_aux),
+        axis_name=axis_name,
+        vocab_axis=vocab_axis,
+        mesh=mesh,
+        vocab_size=vocab_size,
+    )  # fmt: skip
+
+
+def _cross_entropy(
+    hidden, weight, labels, bias, class_weights, sample_weights, label_smoothing, z_loss, *,
+    ignore_index, logit_softcap, reduction, chunk_size, axis_name, vocab_size, return_aux,
+):  # fmt: skip
+    """The loss on one device's arrays (the vocabulary shard under ``axis_name``)."""
     hidden, weight, labels, bias, batch = _vocab.labelled_inputs(hidden, weight, labels, bias)
     d_model, local_vocab = weight.shape
     class_weights = _vocab.per_column(class_weights, "class_weights", local_vocab)
@@ -634,6 +701,7 @@ def linear_softmax_cross_entropy(
         want_sum=want_sum,
         want_argmax=bool(return_aux),
         axis_name=axis_name,
+        vma_off=_vocab.vma_unchecked(axis_name),
     )
 
     x = hidden.reshape(num_tokens, d_model)

@@ -14,13 +14,14 @@ result.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxce import _api, _checks, _reduce, _stream, _vocab
+from jaxce import _api, _checks, _reduce, _stream, _vocab, _vocab_parallel
 from jaxce._checks import POSITIVE, UNIT_INTERVAL, Reduction
 
 Array: TypeAlias = jax.Array
@@ -37,6 +38,7 @@ class _Config(NamedTuple):
     chunk: int  # columns per tile (<= local vocabulary)
     limit: int  # global number of real classes; columns at or past it are padding
     axis_name: str | None  # mesh axis the vocabulary is sharded over
+    vma_off: bool = False  # inside shard_map(check_vma=False): cotangents come as shares
 
 
 class _Operands(NamedTuple):
@@ -56,6 +58,7 @@ def _divergence(prep: _Prepared, stat: _stream.Stat, inv_t: Array, param) -> Arr
         chunk=cfg.chunk,
         limit=cfg.limit,
         axis_name=cfg.axis_name,
+        shared_cotangents=cfg.vma_off,
         temperature_grad=True,
         same_temperature=True,
     )
@@ -138,13 +141,24 @@ def _prepare(
         # their cotangents (partial sums per shard) are summed over it by the transpose.
         x = _vocab.make_varying(x, (axis_name,))
         xt = _vocab.make_varying(xt, (axis_name,))
-    cfg = _Config(chunk=chunk, limit=vocab_size, axis_name=axis_name)
+    cfg = _Config(chunk, vocab_size, axis_name, _vocab.vma_unchecked(axis_name))
     ops = _Operands(x, weight, bias, xt, target_weight, target_bias)
     return _Prepared(cfg, ops, offset, batch, weights, acc)
 
 
+def _operands(h, w, ht, wt, b, bt, sample_weights, scalars):
+    """The operands of a distillation loss by role, for ``_vocab_parallel.fused``."""
+    return {
+        "hiddens": {"hidden": h, "target_hidden": ht},
+        "kernels": {"weight": w, "target_weight": wt},
+        "columns": {"bias": b, "target_bias": bt},
+        "tokens": {"sample_weights": sample_weights},
+        "shared": scalars,
+    }
+
+
 @_api.public(
-    static=("reduction", "chunk_size", "axis_name", "vocab_size"),
+    static=("reduction", "chunk_size", "axis_name", "vocab_axis", "mesh", "vocab_size"),
     domains={"temperature": POSITIVE},
     reverse_mode_only="jaxce.softmax_kl_divergence(hidden @ weight + bias, ...)",
 )
@@ -161,6 +175,8 @@ def linear_softmax_kl_divergence(
     reduction: Reduction = "none",
     chunk_size: int | None = None,
     axis_name: str | None = None,
+    vocab_axis: str | None = None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     vocab_size: int | None = None,
 ) -> Loss:
     r"""Distillation KL from hidden states, without materialising either ``(tokens, V)`` logits.
@@ -204,6 +220,29 @@ def linear_softmax_kl_divergence(
     "can't apply forward-mode autodiff (jvp) to a custom_vjp function"): use
     :func:`softmax_kl_divergence` on the materialised logits for those.
 
+    **On a mesh under plain** ``jax.jit`` (global arrays, no ``shard_map``). Data parallel:
+    hidden states and per-token arrays sharded over any batch axes of a mesh of either axis
+    type, kernels replicated; the result and every gradient equal the unsharded call, the
+    gradients keep their inputs' shardings and per-token outputs keep the tokens' sharding,
+    with no collective for them. Vocabulary parallel, never gathering a kernel whole: on an
+    **Explicit** mesh (``jax.make_mesh``'s default, with ``jax.set_mesh``) automatically,
+    when ``weight`` (or ``target_weight``) is sharded over its columns (``P(None,
+    "model")``: both kernels and both biases sharded alike) or over ``D``
+    only (``P("model", None)``, FSDP: re-laid out over the vocabulary by
+    ``jax.sharding.reshard``, an all-to-all); on an **Auto** mesh by opting in with
+    ``vocab_axis="model"`` (the context mesh, or ``mesh=``), padding a vocabulary that does
+    not divide the shard count. Each device then streams its vocabulary shard (as with
+    ``axis_name`` below), the tokens staying on their batch axes; the gradients of the
+    kernels come back sharded over the vocabulary (on an Explicit mesh, with the kernels'
+    own sharding). The dispatch is ``jaxce._vocab_parallel.fused``, shared by every fused
+    loss::
+
+        mesh = jax.make_mesh((2, 4), ("data", "model"))     # Explicit axes
+        with jax.set_mesh(mesh):
+            hidden = jax.device_put(hidden, P("data", None))
+            weight = jax.device_put(weight, P(None, "model"))  # vocab-parallel over "model"
+            ...                                            # then call the loss under jax.jit
+
     **Vocab-parallel.** With ``axis_name``, call it inside ``jax.shard_map`` with ``weight``,
     ``target_weight`` (and the biases) sharded over the vocabulary along that mesh axis and the
     hidden states replicated over it. The shards' statistics are combined with one ``pmax`` and
@@ -243,6 +282,12 @@ def linear_softmax_kl_divergence(
         4 MiB float32 tile), a multiple of 128, at least 256 and at most ``V``; blocks need not
         divide ``V`` (the last one is shifted to overlap the previous one).
       axis_name: mesh axis over which both kernels are vocabulary-sharded, or ``None``.
+      vocab_axis: mesh axis (or tuple of axes) to shard the vocabulary over under plain
+        ``jax.jit`` (global arrays, no ``shard_map`` of yours); needed on a mesh of Auto
+        axes only: on an Explicit mesh the axis is read from the kernel's sharding, and
+        ``vocab_axis`` overrides it. Mutually exclusive with ``axis_name`` (``ValueError``).
+      mesh: the mesh that has ``vocab_axis``; ``None`` takes the context mesh
+        (``jax.set_mesh``/``jax.sharding.use_mesh``). Only with ``vocab_axis``.
       vocab_size: number of real classes when the kernels carry padding columns at the end
         (global count under ``axis_name``); ``None``: every column is a class.
 
@@ -275,6 +320,21 @@ def linear_softmax_kl_divergence(
       Wijmans et al., *Cut Your Losses in Large-Vocabulary Language Models*, 2024;
       Milakov and Gimelshein, *Online normalizer calculation for softmax*, 2018.
     """
+    _checks.reduction(reduction)
+    return _vocab_parallel.fused(
+        functools.partial(_kl, chunk_size=chunk_size),
+        **_operands(hidden, weight, target_hidden, target_weight, bias, target_bias,
+                    sample_weights, {"temperature": temperature}),
+        reduction=reduction, axis_name=axis_name, vocab_axis=vocab_axis, mesh=mesh,
+        vocab_size=vocab_size,
+    )  # fmt: skip
+
+
+def _kl(
+    hidden, weight, target_hidden, target_weight, bias, target_bias, sample_weights,
+    temperature, *, reduction, chunk_size, axis_name, vocab_size,
+):  # fmt: skip
+    """The KL loss on one device's arrays (the vocabulary shard under ``axis_name``)."""
     prep = _prepare(
         hidden,
         weight,
@@ -294,7 +354,7 @@ def linear_softmax_kl_divergence(
 
 
 @_api.public(
-    static=("reduction", "chunk_size", "axis_name", "vocab_size"),
+    static=("reduction", "chunk_size", "axis_name", "vocab_axis", "mesh", "vocab_size"),
     domains={"temperature": POSITIVE, "beta": UNIT_INTERVAL},
     reverse_mode_only="jaxce.js_divergence(student_logits / T, teacher_logits / T, ...)",
 )
@@ -312,6 +372,8 @@ def linear_js_divergence(
     reduction: Reduction = "none",
     chunk_size: int | None = None,
     axis_name: str | None = None,
+    vocab_axis: str | None = None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     vocab_size: int | None = None,
 ) -> Loss:
     r"""Generalised Jensen-Shannon divergence from hidden states, without materialising logits.
@@ -361,6 +423,12 @@ def linear_js_divergence(
       reduction: ``"none"``, ``"sum"``, ``"mean"`` or ``"sum_and_weight"``.
       chunk_size: vocabulary columns per block, or ``None`` for automatic.
       axis_name: mesh axis over which both kernels are vocabulary-sharded, or ``None``.
+      vocab_axis: mesh axis (or tuple of axes) to shard the vocabulary over under plain
+        ``jax.jit`` (global arrays, no ``shard_map`` of yours); needed on a mesh of Auto
+        axes only: on an Explicit mesh the axis is read from the kernel's sharding, and
+        ``vocab_axis`` overrides it. Mutually exclusive with ``axis_name`` (``ValueError``).
+      mesh: the mesh that has ``vocab_axis``; ``None`` takes the context mesh
+        (``jax.set_mesh``/``jax.sharding.use_mesh``). Only with ``vocab_axis``.
       vocab_size: number of real classes when the kernels carry padding columns.
 
     Returns:
@@ -387,6 +455,21 @@ def linear_js_divergence(
       *On-Policy Distillation of Language Models* (generalised JSD), 2024; Hsu et al.,
       *Liger Kernel* (fused linear JSD), 2024.
     """
+    _checks.reduction(reduction)
+    return _vocab_parallel.fused(
+        functools.partial(_js, chunk_size=chunk_size),
+        **_operands(hidden, weight, target_hidden, target_weight, bias, target_bias,
+                    sample_weights, {"temperature": temperature, "beta": beta}),
+        reduction=reduction, axis_name=axis_name, vocab_axis=vocab_axis, mesh=mesh,
+        vocab_size=vocab_size,
+    )  # fmt: skip
+
+
+def _js(
+    hidden, weight, target_hidden, target_weight, bias, target_bias, sample_weights,
+    temperature, beta, *, reduction, chunk_size, axis_name, vocab_size,
+):  # fmt: skip
+    """The JS loss on one device's arrays (the vocabulary shard under ``axis_name``)."""
     prep = _prepare(
         hidden,
         weight,

@@ -8,12 +8,13 @@ entropy, one forward pass over vocabulary blocks and one recompute backward.
 
 from __future__ import annotations
 
+import functools
 from typing import TypeAlias
 
 import jax
 import jax.numpy as jnp
 
-from jaxce import _api, _checks, _reduce, _stream, _vocab
+from jaxce import _api, _checks, _reduce, _stream, _vocab, _vocab_parallel
 from jaxce._checks import POSITIVE
 
 Array: TypeAlias = jax.Array
@@ -27,6 +28,8 @@ ArrayLike: TypeAlias = jax.typing.ArrayLike
         "vocab_size",
         "chunk_size",
         "axis_name",
+        "vocab_axis",
+        "mesh",
         "return_entropy",
     ),
     domains={"temperature": POSITIVE, "chunk_size": POSITIVE},
@@ -47,6 +50,8 @@ def linear_log_probs(
     vocab_size: int | None = None,
     chunk_size: int | None = None,
     axis_name: str | None = None,
+    vocab_axis: str | None = None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     return_entropy: bool = False,
 ) -> Array | tuple[Array, Array]:
     r"""Per-token log-probabilities of the labels (and the entropy) without the logits.
@@ -98,6 +103,28 @@ def linear_log_probs(
     :func:`softmax_cross_entropy_with_integer_labels` and :func:`entropy` of the materialised
     logits for those.
 
+    **On a mesh under plain** ``jax.jit`` (global arrays, no ``shard_map``). Data parallel:
+    hidden states and per-token arrays sharded over any batch axes of a mesh of either axis
+    type, kernels replicated; the result and every gradient equal the unsharded call, the
+    gradients keep their inputs' shardings and per-token outputs keep the tokens' sharding,
+    with no collective for them. Vocabulary parallel, never gathering a kernel whole: on an
+    **Explicit** mesh (``jax.make_mesh``'s default, with ``jax.set_mesh``) automatically,
+    when ``weight`` is sharded over its columns (``P(None, "model")``: ``bias`` sharded
+    alike) or over ``D`` only (``P("model", None)``, FSDP: re-laid out over the vocabulary
+    by ``jax.sharding.reshard``, an all-to-all); on an **Auto** mesh by opting in with
+    ``vocab_axis="model"`` (the context mesh, or ``mesh=``), padding a vocabulary that does
+    not divide the shard count. Each device then streams its vocabulary shard (as with
+    ``axis_name`` below), the tokens staying on their batch axes; the gradients of the
+    kernels come back sharded over the vocabulary (on an Explicit mesh, with the kernels'
+    own sharding). The dispatch is ``jaxce._vocab_parallel.fused``, shared by every fused
+    loss::
+
+        mesh = jax.make_mesh((2, 4), ("data", "model"))     # Explicit axes
+        with jax.set_mesh(mesh):
+            hidden = jax.device_put(hidden, P("data", None))
+            weight = jax.device_put(weight, P(None, "model"))  # vocab-parallel over "model"
+            ...                                            # then call the loss under jax.jit
+
     **Vocab-parallel.** With ``axis_name``, as for :func:`linear_softmax_cross_entropy`: call
     it inside ``jax.shard_map`` with ``weight`` (and ``bias``) sharded over the vocabulary
     along that mesh axis, ``hidden``, ``labels`` and ``temperature`` replicated over it and
@@ -125,6 +152,12 @@ def linear_log_probs(
         16 MiB float32 tile), a multiple of 128, at least 256 and at most ``V``. Blocks need
         not divide ``V``.
       axis_name: mesh axis over which ``weight`` is vocabulary-sharded, or ``None``.
+      vocab_axis: mesh axis (or tuple of axes) to shard the vocabulary over under plain
+        ``jax.jit`` (global arrays, no ``shard_map`` of yours); needed on a mesh of Auto
+        axes only: on an Explicit mesh the axis is read from the kernel's sharding, and
+        ``vocab_axis`` overrides it. Mutually exclusive with ``axis_name`` (``ValueError``).
+      mesh: the mesh that has ``vocab_axis``; ``None`` takes the context mesh
+        (``jax.set_mesh``/``jax.sharding.use_mesh``). Only with ``vocab_axis``.
       return_entropy: also return the per-token entropy.
 
     Returns:
@@ -161,6 +194,27 @@ def linear_log_probs(
       et al., *Proximal Policy Optimization Algorithms*, 2017; Rafailov et al., *Direct
       Preference Optimization*, 2023.
     """
+    return _vocab_parallel.fused(
+        functools.partial(
+            _log_probs, logit_softcap=logit_softcap, ignore_index=ignore_index,
+            chunk_size=chunk_size, return_entropy=return_entropy,
+        ),
+        hiddens={"hidden": hidden},
+        kernels={"weight": weight},
+        columns={"bias": bias},
+        tokens={"labels": labels, "temperature": temperature},
+        axis_name=axis_name,
+        vocab_axis=vocab_axis,
+        mesh=mesh,
+        vocab_size=vocab_size,
+    )  # fmt: skip
+
+
+def _log_probs(
+    hidden, weight, labels, bias, temperature, *, logit_softcap, ignore_index, vocab_size,
+    chunk_size, axis_name, return_entropy,
+):  # fmt: skip
+    """The outputs on one device's arrays (the vocabulary shard under ``axis_name``)."""
     hidden, weight, labels, bias, batch = _vocab.labelled_inputs(hidden, weight, labels, bias)
     d_model, local_vocab = weight.shape
     softcap = _vocab.logit_softcap(logit_softcap)
@@ -199,6 +253,7 @@ def linear_log_probs(
         limit=vocab_size,
         axis_name=axis_name,
         softcap=softcap,
+        shared_cotangents=_vocab.vma_unchecked(axis_name),
     )
     head = _stream.Head(x, weight, bias, inv_t)
     out: tuple[Array, ...] = _stream.stream(spec, (head,), None, y, offset, (None,) * len(stats))  # type: ignore[assignment]

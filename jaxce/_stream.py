@@ -64,6 +64,8 @@ class Spec(NamedTuple):
     softcap: float | None = None  # s in s * tanh(z / s), on every head
     temperature_grad: bool = False  # give ``inv_t`` a cotangent
     same_temperature: bool = False  # two heads whose ``inv_t`` are the same value
+    # Inside shard_map(check_vma=False): the outputs' cotangents are per-device shares.
+    shared_cotangents: bool = False
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -699,6 +701,13 @@ def _stream_fwd(spec, heads, u, y, offset, params):
 
 def _stream_bwd(spec, res, cotangents):
     heads, u, y, offset, params, residuals, lse = res
+    if spec.shared_cotangents:
+        # The outputs are combined over the axis; their cotangents arrive as per-device
+        # shares (check_vma=False): the full cotangent is their sum, as psum's transpose.
+        cotangents = tuple(
+            g if g is None or type(g) is SymbolicZero else lax.psum(g, spec.axis_name)
+            for g in cotangents
+        )
     d_heads, du, d_params = gradients(spec, heads, u, y, offset, params, residuals, lse, cotangents)
     return d_heads, du, None, None, d_params
 

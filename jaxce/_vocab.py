@@ -223,3 +223,20 @@ def local_labels(safe_labels: Array, offset, local_vocab: int) -> Array:
     """Flat int32 local column ids of global labels, ``-1`` where not in this shard."""
     y = safe_labels.reshape(-1).astype(jnp.int32) - offset
     return jnp.where((y >= 0) & (y < local_vocab), y, -1)
+
+
+def vma_unchecked(axis_name) -> bool:
+    """Whether this trace is inside a ``shard_map(..., check_vma=False)`` over ``axis_name``.
+
+    There, JAX cannot tell a replicated value from a device-varying one, so it treats the
+    cotangent of a replicated value as a *share* (the output's cotangent divided over the
+    axis, the shares summed back by ``psum``'s transpose): a ``custom_vjp`` whose forward
+    combined its outputs over ``axis_name`` must ``psum`` their cotangents itself. Known by
+    a probe: a cast to device-varying is a no-op there (and over a size-1 axis, where the
+    ``psum`` that follows is one too).
+    """
+    if axis_name is None:
+        return False
+    axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    probe = make_varying(jnp.zeros((), jnp.float32), axes)
+    return not frozenset(axes) <= _varying_axes(probe)
