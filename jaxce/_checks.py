@@ -234,6 +234,28 @@ def value_check(ok: jax.Array, message: str, **values: Any) -> None:
         checkify.debug_check(ok, message, **values)
 
 
+def first_where(bad: jax.Array, values: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(flat position, value)`` of the first ``True`` of ``bad`` (row-major), for messages.
+
+    Written as masked reductions over the array's own axes (no flattening reshape, no dynamic
+    index), so it traces for arrays sharded on any mesh; where nothing is bad it gives
+    ``(bad.size, values' minimum)``. Only a ``checkify`` message reads it.
+    """
+    dtype = jnp.int32 if bad.size < 2**31 else jnp.int64
+    flat = jnp.zeros(bad.shape, dtype)
+    stride = 1
+    for axis in reversed(range(bad.ndim)):
+        flat = flat + jax.lax.broadcasted_iota(dtype, bad.shape, axis) * stride
+        stride *= bad.shape[axis]
+    first = jnp.min(jnp.where(bad, flat, jnp.asarray(bad.size, dtype)))
+    lowest = jnp.asarray(
+        jnp.iinfo(values.dtype).min if jnp.issubdtype(values.dtype, jnp.integer) else -jnp.inf,
+        values.dtype,
+    )
+    value = jnp.max(jnp.where(flat == first, values, lowest))
+    return first, value
+
+
 def hyperparameter(value: Any, name: str, dtype, domain: Domain) -> tuple[jax.Array, jax.Array]:
     """``(value in dtype, where it leaves domain)``: the traced half of the domain rule."""
     value = as_hyperparameter(value, name, dtype)

@@ -630,7 +630,7 @@ def softmax_focal_loss(
         x_y = _reduce.take_class(prepared.values, target)
         coef = _focal_factor((x_y - m) - log_s, g)
         if a is not None:
-            coef = coef * (a if a.ndim == 0 else a[target])
+            coef = coef * (a if a.ndim == 0 else _reduce.take_vector(a, target))
         loss = _numerics.neg_log_softmax_at(coef, x_y, m, log_s)
     else:
         log_p = (prepared.values - m[..., None]) - log_s[..., None]
