@@ -6,6 +6,8 @@ import importlib
 import inspect
 import pathlib
 import re
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -140,3 +142,35 @@ def test_post_training_guide_names_every_option(name, parameter):
     guide = (DOCS / "post_training.rst").read_text()
     missing = sorted(option for option in options if f'"{option}"' not in guide)
     assert not missing, f"docs/post_training.rst does not name {name}'s {parameter} {missing}"
+
+
+_PRINTED = re.compile(r"print\(.*#\s*(.+)$")
+
+
+@pytest.mark.slow
+def test_distributed_guide_code_runs_on_eight_devices():
+    """docs/distributed.rst's blocks, in order, in a subprocess with 8 host devices.
+
+    Its meshes are ``(2, 4)``, and the device count is fixed when JAX starts, so the page runs
+    in its own process. Every line it prints must be what a ``print(...)  # ...`` comment on the
+    page says it prints. The multi-host ``train.py`` block (a ``code-block`` with a caption)
+    is a program for several machines; the pattern of :func:`code_blocks` does not match it,
+    and ``tests/test_linear_multiprocess.py`` covers that path.
+    """
+    from helpers import host_devices_env
+
+    program = "\n\n".join(code_blocks("distributed"))
+    done = subprocess.run(
+        [sys.executable, "-c", program],
+        env=host_devices_env(8),
+        capture_output=True,
+        text=True,
+        timeout=900,  # a loaded 2-core machine; about 20 s of CPU time
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    promised = [m.group(1) for m in map(_PRINTED.search, program.splitlines()) if m]
+    printed = done.stdout.strip().splitlines()
+    assert len(printed) >= len(promised) > 5
+    for line in printed:
+        assert any(comment.startswith(line.strip()) for comment in promised), (line, promised)
