@@ -683,7 +683,11 @@ def _cross_entropy(
         chunk = _vocab.auto_chunk(max(1, num_tokens), local_vocab)
     else:
         chunk = min(chunk_size, local_vocab)
-    rows = _vocab.auto_rows(num_tokens, local_vocab, None if chunk_size is None else chunk)
+    # Vocab-parallel, a device holds 1/shards of the logits: the automatic token tile of the
+    # gradient-in-forward path is then the vocabulary tile's size (2**22 elements, not 2**24),
+    # so that the fused loss stays well below the materialised one on the same mesh.
+    sized = chunk_size is not None or axis_name is not None
+    rows = _vocab.auto_rows(num_tokens, local_vocab, chunk if sized else None)
 
     if sample_weights is not None:
         sample_weights = jnp.asarray(sample_weights)

@@ -597,6 +597,15 @@ def gradients(
     per_row = [h.inv_t is not None and jnp.ndim(h.inv_t) == 1 for h in heads]
     want_inv = [spec.temperature_grad and h.inv_t is not None for h in heads]
 
+    def block_sum(ct, ref):
+        """A block of a per-column cotangent summed over the mesh axes its primal does not
+        vary over (the token shards of a data axis, inside ``shard_map``), block by block:
+        an all-reduce of each block, not a second dW-sized buffer for one at the end.
+        """
+        if not localize:
+            return ct
+        return _vocab.make_varying(_vocab.sum_over_extra_axes(ct, ref), _vocab.varying_axes(ref))
+
     def body(carry, i):
         dx, dw, db, du, d_inv, d_par = carry
         blk = block(spec, heads, u, i, offset)
@@ -615,7 +624,8 @@ def gradients(
             if dp is not None:
                 d_par[k] = d_par[k] + dp
             if duc is not None and du is not None:
-                du = lax.dynamic_update_slice_in_dim(du, duc.astype(du.dtype), blk.start, 0)
+                duc = block_sum(duc, u).astype(du.dtype)
+                du = lax.dynamic_update_slice_in_dim(du, duc, blk.start, 0)
         dx, dw, db, d_inv = (list[Any](v) for v in (dx, dw, db, d_inv))
         for h, head in enumerate(heads):
             if dz[h] is None:
@@ -629,10 +639,10 @@ def gradients(
             g = jnp.where(active[:, None], g * cap_slope(spec.softcap, blk.capped[h]), zero)
             gc = g.astype(operand[h])
             dx[h] = dx[h] + jnp.dot(gc, blk.w[h].T, preferred_element_type=acc)
-            dwc = jnp.dot(x_active[h].T, gc, preferred_element_type=acc)
+            dwc = block_sum(jnp.dot(x_active[h].T, gc, preferred_element_type=acc), head.w)
             dw[h] = lax.dynamic_update_slice_in_dim(dw[h], dwc.astype(dw[h].dtype), blk.start, 1)
             if db[h] is not None:
-                dbc = jnp.sum(g, axis=0).astype(db[h].dtype)
+                dbc = block_sum(jnp.sum(g, axis=0), head.b).astype(db[h].dtype)
                 db[h] = lax.dynamic_update_slice_in_dim(db[h], dbc, blk.start, 0)
         return tuple(dx), tuple(dw), tuple(db), du, tuple(d_inv), tuple(d_par)
 
@@ -653,7 +663,23 @@ def gradients(
         ),
     )
     refs = jax.tree.leaves((heads, u, y, offset, params, lse, gs, residuals))
-    init = _vocab.varying_like(init, *refs)
+    if localize:
+        # The per-column cotangents are summed block by block (``block_sum``): they vary
+        # over their primals' axes only.
+        dx0, dw0, db0, du0, *rest = init
+        dw0 = tuple(
+            _vocab.varying_over(a, _vocab.varying_axes(h.w))
+            for a, h in zip(dw0, heads, strict=True)
+        )
+        db0 = tuple(
+            None if a is None else _vocab.varying_over(a, _vocab.varying_axes(h.b))
+            for a, h in zip(db0, heads, strict=True)
+        )
+        du0 = None if du0 is None else _vocab.varying_over(du0, _vocab.varying_axes(u))
+        rest = _vocab.varying_like(tuple(rest), *refs)
+        init = (_vocab.varying_like(dx0, *refs), dw0, db0, du0, *rest)
+    else:
+        init = _vocab.varying_like(init, *refs)
     # Reverse order: the shifted last block writes zeros over the columns it shares with the
     # previous block, which then overwrites them with their true gradient.
     dx, dw, db, du, d_inv, d_par = _scan(spec, heads, body, init, reverse=True)

@@ -1,5 +1,5 @@
-"""One process of a two-process, vocab-parallel ``linear_softmax_cross_entropy`` and
-``linear_log_probs`` run.
+"""One process of a two-process run of the fused losses: vocab-parallel inside ``shard_map``
+and, under plain ``jax.jit``, vocab-parallel and data-parallel.
 
 ``tests/test_linear_multiprocess.py`` starts two of these on localhost::
 
@@ -11,6 +11,10 @@ gloo), builds one global ``(data, vocab)`` mesh over the 2 x 2 devices, places i
 global arrays, runs the vocab-parallel loss (and ``sum(a * log_probs + c * entropy)`` of the fused
 log-probabilities) and its gradients under ``jit`` and checks every
 shard it holds against the single-process unsharded result computed on its own local device.
+Then the same under plain ``jit`` on the Explicit mesh (``jax.set_mesh``), no ``shard_map``:
+the cross-entropy, the log-probabilities with the entropy and the fused KL with the weights
+sharded over the vocabulary (``P(None, "vocab")``: vocab-parallel by the weights' sharding)
+and replicated with the tokens over all four devices (data parallel).
 Prints ``ok <process_id>`` on success.
 """
 
@@ -65,34 +69,72 @@ def log_probs_of(axis_name=None):
     return loss
 
 
+def kl_of(axis_name=None):
+    def loss(h, w, ht, wt, sw):
+        total, count = jaxce.linear_softmax_kl_divergence(
+            h, w, ht, wt, temperature=1.5, sample_weights=sw, reduction="sum_and_weight",
+            axis_name=axis_name, chunk_size=16,
+        )  # fmt: skip
+        if axis_name is not None:
+            total, count = jax.lax.psum(total, "data"), jax.lax.psum(count, "data")
+        return jaxce.weighted_mean(total, count)
+
+    return loss
+
+
+def global_array(mesh, a, spec):
+    sharding = jax.NamedSharding(mesh, spec)
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
+def reference(make_loss, arrays, argnums):
+    local = jax.local_devices()[0]
+    value = jax.jit(jax.value_and_grad(make_loss(), argnums=argnums))(
+        *(jax.device_put(a, local) for a in arrays)
+    )
+    return jax.tree.map(np.asarray, value)
+
+
+def compare(value, grads, value_want, grads_want, names, what) -> None:
+    tol = {"rtol": 1e-5, "atol": 1e-6}
+    for shard in value.addressable_shards:
+        np.testing.assert_allclose(np.asarray(shard.data), value_want, err_msg=what, **tol)
+    for name, got, want in zip(names, grads, grads_want, strict=True):
+        assert got.shape == want.shape, (what, name, got.shape)
+        for shard in got.addressable_shards:
+            np.testing.assert_allclose(
+                np.asarray(shard.data), want[shard.index], err_msg=f"{what} {name}", **tol
+            )
+
+
+def check_plain_jit(mesh, make_loss, arrays, specs, names, what) -> None:
+    """Plain ``jit`` on global arrays (no ``shard_map``) equals the local unsharded result,
+    and every gradient keeps its input's sharding."""
+    argnums = tuple(range(len(names)))
+    value_want, grads_want = reference(make_loss, arrays, argnums)
+    with jax.set_mesh(mesh):
+        args = [global_array(mesh, a, s) for a, s in zip(arrays, specs, strict=True)]
+        value, grads = jax.jit(jax.value_and_grad(make_loss(), argnums=argnums))(*args)
+    compare(value, grads, value_want, grads_want, names, what)
+
+    def padded(spec, ndim):
+        return tuple(spec) + (None,) * (ndim - len(spec))
+
+    for name, grad, spec in zip(names, grads, specs, strict=False):
+        have = padded(grad.sharding.spec, grad.ndim)
+        assert have == padded(spec, grad.ndim), (what, name, have, spec)
+
+
 def check(mesh, make_loss, arrays, specs, names) -> None:
     """The loss and its gradients w.r.t. ``names`` on the global mesh equal the local ones."""
     argnums = tuple(range(len(names)))
-    local = jax.local_devices()[0]
-    reference = jax.jit(jax.value_and_grad(make_loss(), argnums=argnums))(
-        *(jax.device_put(a, local) for a in arrays)
-    )
-    value_want, grads_want = jax.tree.map(np.asarray, reference)
-
-    def global_array(a, spec):
-        sharding = jax.NamedSharding(mesh, spec)
-        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-
-    args = [global_array(a, s) for a, s in zip(arrays, specs, strict=True)]
+    value_want, grads_want = reference(make_loss, arrays, argnums)
+    args = [global_array(mesh, a, s) for a, s in zip(arrays, specs, strict=True)]
     sharded = functools.partial(jax.shard_map, mesh=mesh, in_specs=specs, out_specs=P())(
         make_loss("vocab")
     )
     value, grads = jax.jit(jax.value_and_grad(sharded, argnums=argnums))(*args)
-
-    tol = {"rtol": 1e-5, "atol": 1e-6}
-    for shard in value.addressable_shards:
-        np.testing.assert_allclose(np.asarray(shard.data), value_want, **tol)
-    for name, got, want in zip(names, grads, grads_want, strict=True):
-        assert got.shape == want.shape, (name, got.shape)
-        for shard in got.addressable_shards:
-            np.testing.assert_allclose(
-                np.asarray(shard.data), want[shard.index], err_msg=name, **tol
-            )
+    compare(value, grads, value_want, grads_want, names, "shard_map")
 
 
 def main(process_id: int, num_processes: int, port: int) -> None:
@@ -118,6 +160,28 @@ def main(process_id: int, num_processes: int, port: int) -> None:
         (P("data", None), P(None, "vocab"), P("vocab"), P("data"), P("data"), P("data")),
         ("hidden", "weight", "bias"),
     )  # fmt: skip
+    # Plain jit: vocab-parallel from the weights' sharding, then data parallel.
+    ht = np.random.default_rng(1).normal(size=(N, 8)).astype(np.float32)
+    wt = (np.random.default_rng(2).normal(size=(8, V)) / 3).astype(np.float32)
+    sw = np.abs(a)
+    every = ("data", "vocab")  # data parallel: the tokens over all four devices
+    layouts = {  # hidden rows, per-token arrays, kernels, columns
+        "vocab-parallel": (P("data", None), P("data"), P(None, "vocab"), P("vocab")),
+        "data-parallel": (P(every, None), P(every), P(None, None), P(None)),
+    }
+    for layout, (row, tok, ker, col) in layouts.items():
+        check_plain_jit(
+            mesh, loss_of, (h, w, b, cw, y), (row, ker, col, col, tok),
+            ("hidden", "weight", "bias", "class_weights"), f"plain jit {layout} ce",
+        )  # fmt: skip
+        check_plain_jit(
+            mesh, log_probs_of, (h, w, b, y, t, a), (row, ker, col, tok, tok, tok),
+            ("hidden", "weight", "bias"), f"plain jit {layout} log_probs",
+        )  # fmt: skip
+        check_plain_jit(
+            mesh, kl_of, (h, w, ht, wt, sw), (row, ker, row, ker, tok),
+            ("hidden", "weight", "target_hidden", "target_weight"), f"plain jit {layout} kl",
+        )  # fmt: skip
     print("ok", process_id, flush=True)
     jax.distributed.shutdown()
 

@@ -13,7 +13,7 @@ from helpers import host_devices_env
 
 SCRIPT = pathlib.Path(__file__).with_name("multiprocess_linear_check.py")
 NUM_PROCESSES = 2
-TIMEOUT_S = 120
+TIMEOUT_S = 240
 
 
 def free_port() -> int:
