@@ -80,8 +80,11 @@ def ntxent(embeddings: ArrayLike, labels: ArrayLike, temperature: ArrayLike = 0.
     dtype = _reduce.compute_dtype(embeddings.dtype)
     temperature, bad = _checks.hyperparameter(temperature, "temperature", dtype, POSITIVE)
     units = _unit_rows(embeddings.astype(dtype))
-    similarity = units @ units.T / temperature
-    same = labels[:, None] == labels[None, :]
+    # Every anchor meets every embedding: the keys are whole on each device (on an Explicit
+    # mesh an all-gather; the anchors stay where they are).
+    keys, key_labels = _reduce.replicated(units), _reduce.replicated(labels)
+    similarity = units @ keys.T / temperature
+    same = labels[:, None] == key_labels[None, :]
     positive = same & ~jnp.eye(labels.shape[0], dtype=bool)
     negatives_lse = jax.nn.logsumexp(similarity, axis=1, where=~same, keepdims=True)
     pair_loss = jnp.logaddexp(similarity, negatives_lse) - similarity

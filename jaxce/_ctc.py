@@ -132,28 +132,25 @@ def ctc_loss_with_forward_probs(
 
     valid = (labels >= 0) & (labels < classes)
     padded_label = label_paddings.astype(bool)
-    bad = jnp.any(~valid & ~padded_label, axis=1)
+    bad_label = ~valid & ~padded_label
+    bad = jnp.any(bad_label, axis=1)
     if labels.size:
+        _, first_bad = _checks.first_where(bad_label, labels)
         _checks.value_check(
             ~jnp.any(bad),
             f"invalid CTC label {{label}}: non-padded labels must lie in [0, {classes}).",
-            label=jnp.where(valid | padded_label, 0, labels).reshape(-1)[
-                jnp.argmax((~valid & ~padded_label).reshape(-1))
-            ],
+            label=first_bad,
         )
-    # (B, T, N): log p_t(y_n), by flat integer indexing (take_along_axis's gradient breaks
-    # checkify with all checks once B >= 2).
+    # (B, T, N): log p_t(y_n), gathered per (sequence, frame) row.
     safe_labels = jnp.broadcast_to(
         jnp.where(valid, labels, 0)[:, None, :], (batch, frames, num_labels)
     )
-    rows = batch * frames
-    label_log_probs = log_probs.reshape(rows, classes)[
-        jnp.arange(rows)[:, None], safe_labels.reshape(rows, num_labels)
-    ].reshape(batch, frames, num_labels)
+    label_log_probs = _reduce.take_along_classes(log_probs, safe_labels)
     blank_log_probs = log_probs[:, :, blank_id]  # (B, T)
     # repeats[n]: y_{n+1} == y_n, so emitting[n] may not close into ready[n + 1] directly.
     repeats = jnp.concatenate(
-        [labels[:, 1:] == labels[:, :-1], jnp.zeros((batch, min(num_labels, 1)), bool)], axis=1
+        [labels[:, 1:] == labels[:, :-1], jnp.zeros_like(labels[:, : min(num_labels, 1)], bool)],
+        axis=1,
     ).astype(dtype)
 
     def close(ready, emitting, penalty):
@@ -174,8 +171,12 @@ def ctc_loss_with_forward_probs(
         next_emitting = jnp.where(padded, emitting, next_emitting)
         return (next_ready, next_emitting), (next_ready, next_emitting)
 
-    start_ready = jnp.full((batch, num_labels + 1), eps).at[:, 0].set(0.0)
-    start_emitting = jnp.full((batch, num_labels), eps)
+    lengths = num_labels - jnp.sum(padded_label, axis=1)
+    # The scan's starting states, laid out like the sequences (a carry's sharding is its type
+    # on an Explicit mesh, and the body's output is sharded like the batch).
+    zeros = jnp.zeros_like(lengths, dtype)[:, None]
+    start_ready = zeros + jnp.where(jnp.arange(num_labels + 1) == 0, 0.0, eps)[None, :]
+    start_emitting = zeros + jnp.full((1, num_labels), eps)
     inputs = (
         jnp.swapaxes(label_log_probs, 0, 1),
         jnp.swapaxes(blank_log_probs, 0, 1),
@@ -187,8 +188,7 @@ def ctc_loss_with_forward_probs(
     final_ready = close(ready, emitting, jnp.zeros((), dtype))
     if frames:
         ready_t = ready_t.at[-1].set(final_ready)
-    lengths = num_labels - jnp.sum(padded_label, axis=1)
-    loss = -final_ready[jnp.arange(batch), lengths]
+    loss = -_reduce.take_class(final_ready, lengths)
     loss = jnp.where(bad, jnp.full((), jnp.nan, dtype), loss)
     return loss, ready_t, emitting_t
 

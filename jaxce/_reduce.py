@@ -252,6 +252,15 @@ def take_vector(vector: Array, labels: Array) -> Array:
     return vector.at[labels].get(out_sharding=jax.typeof(labels).sharding)
 
 
+def replicated(x: Array) -> Array:
+    """``x`` whole on every device where its type says it is sharded (an Explicit mesh: an
+    all-gather, for computations that meet every example); else ``x``, for the partitioner.
+    """
+    if all(axis is None for axis in jax.typeof(x).sharding.spec):
+        return x
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
 def weigh_and_reduce(raw_loss: Array, weights: ExampleWeights, reduction: str):
     """Zeroes dropped examples, marks invalid ones NaN, weights and reduces."""
     # A zero weight masks its example exactly: select before multiplying, or an infinite loss

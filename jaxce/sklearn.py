@@ -74,11 +74,11 @@ def _one_hot(y_true: Array, classes: np.ndarray, dtype) -> Array:
             raise ValueError(
                 f"`y_true` holds {unknown.tolist()}, not among the classes {classes.tolist()}."
             )
-    position = jnp.searchsorted(jnp.asarray(classes), y_true)
-    position = jnp.clip(position, 0, classes.size - 1)
-    known = jnp.asarray(classes)[position] == y_true
-    one_hot = jax.nn.one_hot(position, classes.size, dtype=dtype)
-    return jnp.where(known[:, None], one_hot, jnp.full((), jnp.nan, dtype))
+    # A comparison with each (distinct, static) class rather than a search and a gather: it
+    # is elementwise, so it stays with the examples on any mesh.
+    hit = y_true[:, None] == jnp.asarray(classes)[None, :]
+    known = jnp.any(hit, axis=1, keepdims=True)
+    return jnp.where(known, hit.astype(dtype), jnp.full((), jnp.nan, dtype))
 
 
 def _check_probabilities(y_proba: Array) -> None:
