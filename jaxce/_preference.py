@@ -656,7 +656,7 @@ def dpo_loss(
     if loss_weights is not None:
         if isinstance(loss_weights, list):
             loss_weights = tuple(loss_weights)
-        count = len(loss_weights) if isinstance(loss_weights, tuple) else jnp.size(loss_weights)
+        count = len(loss_weights) if isinstance(loss_weights, tuple) else np.size(loss_weights)
         if np.ndim(loss_weights) != 1 or count != len(types):
             raise ValueError(
                 f"`loss_weights` must hold one weight per loss type ({len(types)} for "
