@@ -109,7 +109,7 @@ def _size(mesh, axes: tuple[str, ...]) -> int:
     return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
 
 
-def _reshard(x, spec: P):
+def _reshard(x, spec: jax.sharding.PartitionSpec):
     """``x`` with the Explicit sharding ``spec`` (a no-op when it has it already)."""
     current = jax.typeof(x).sharding.spec
     if tuple(current) + (None,) * (x.ndim - len(current)) == tuple(spec) + (None,) * (
@@ -146,7 +146,7 @@ def fused(
     vocab_axis=None,
     mesh=None,
     vocab_size=None,
-):
+) -> Any:
     """Runs the per-device fused-loss ``body`` on global arrays (see the module docstring)."""
     check_exclusive(axis_name, vocab_axis)
     columns, tokens, shared = dict(columns or {}), dict(tokens or {}), dict(shared or {})
@@ -340,10 +340,10 @@ def _explicit(
     # per token; auxiliary outputs are per token.
     loss_spec = P() if reduction not in (None, "none") else per_token
     out_specs = (loss_spec, per_token) if has_aux else loss_spec
-    out = jax.shard_map(local, mesh=amesh, in_specs=specs, out_specs=out_specs)(*arrays)
+    out: Any = jax.shard_map(local, mesh=amesh, in_specs=specs, out_specs=out_specs)(*arrays)
     if sums and reduction != "sum_and_weight":
         loss, aux = out if has_aux else (out, None)
-        total, weight = loss
+        total, weight = loss  # type: ignore[misc]
         loss = total if reduction == "sum" else _reduce.weighted_mean(total, weight)
         out = (loss, aux) if has_aux else loss
     return out
