@@ -486,7 +486,10 @@ def linear_softmax_cross_entropy(
     ``chunk_size=None`` this path is taken when a tile holds at least 512 tokens or all of
     them (e.g. ``V <= 32768``); past that, re-reading the weight and the ``dweight``
     accumulator for every small tile costs as much as the matmul it saves (measured equal at
-    ``V=65536``), and the recompute path, which needs less memory, runs instead. Plain
+    ``V=65536``), and the recompute path, which needs less memory, runs instead. Vocabulary
+    parallel (``axis_name``, or a vocabulary-sharded kernel on a mesh) the automatic token
+    tile has the vocabulary tile's ``2**22`` elements, since a device there holds only its
+    shard's share of the logits the materialised loss would. Plain
     evaluation (no gradient) runs the cheap forward scan either way. Memory beyond inputs and
     outputs: one tile and a few of its elementwise temporaries, plus the float32 ``dhidden``
     (recompute) or the float32 ``dweight`` accumulator (gradient in forward); the

@@ -109,7 +109,7 @@ def _size(mesh, axes: tuple[str, ...]) -> int:
     return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
 
 
-def _reshard(x, spec: P):
+def _reshard(x, spec: jax.sharding.PartitionSpec):
     """``x`` with the Explicit sharding ``spec`` (a no-op when it has it already)."""
     current = jax.typeof(x).sharding.spec
     if tuple(current) + (None,) * (x.ndim - len(current)) == tuple(spec) + (None,) * (
@@ -343,7 +343,7 @@ def _explicit(
     out: Any = jax.shard_map(local, mesh=amesh, in_specs=specs, out_specs=out_specs)(*arrays)
     if sums and reduction != "sum_and_weight":
         loss, aux = out if has_aux else (out, None)
-        total, weight = loss
+        total, weight = loss  # type: ignore[misc]
         loss = total if reduction == "sum" else _reduce.weighted_mean(total, weight)
         out = (loss, aux) if has_aux else loss
     return out

@@ -3,7 +3,8 @@
 Run as a script (``tests/test_linear_mesh.py`` does, in a subprocess, because the device
 count must be fixed before JAX starts)::
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_fused_mesh_check.py
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_fused_mesh_check.py \
+        [explicit] [auto]
 
 On a ``(data=2, model=4)`` mesh of Explicit axes (under ``jax.set_mesh``) and of Auto axes,
 with the hidden states, labels and per-token arrays sharded over ``data``, and the kernels
@@ -30,6 +31,7 @@ Prints ``ok <what>`` per check; any mismatch raises.
 from __future__ import annotations
 
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -80,9 +82,9 @@ def ce_forward(h, w, b, cw, y, g, *, vocab_axis=None):
 
 
 def ce_objective(*args, vocab_axis=None):
-    mean, loss, lse, _ = ce_forward(*args, vocab_axis=vocab_axis)
-    g = args[5]
-    return mean + jnp.sum(g * loss) + jnp.sum(jnp.sin(lse))
+    outputs = ce_forward(*args, vocab_axis=vocab_axis)
+    mean, loss, lse, _ = outputs
+    return mean + jnp.sum(args[5] * loss) + jnp.sum(jnp.sin(lse)), outputs
 
 
 def lp_forward(h, w, b, y, t, *, vocab_axis=None):
@@ -93,8 +95,8 @@ def lp_forward(h, w, b, y, t, *, vocab_axis=None):
 
 
 def lp_objective(*args, vocab_axis=None):
-    lp, ent = lp_forward(*args, vocab_axis=vocab_axis)
-    return jnp.sum(jnp.cos(args[-1]) * lp + jnp.sin(ent))
+    lp, ent = outputs = lp_forward(*args, vocab_axis=vocab_axis)
+    return jnp.sum(jnp.cos(args[-1]) * lp + jnp.sin(ent)), outputs
 
 
 def kl_forward(h, w, b, ht, wt, g, *, vocab_axis=None):
@@ -108,8 +110,8 @@ def kl_forward(h, w, b, ht, wt, g, *, vocab_axis=None):
 
 
 def kl_objective(*args, vocab_axis=None):
-    mean, per_token = kl_forward(*args, vocab_axis=vocab_axis)
-    return mean + jnp.sum(args[-1] * per_token)
+    mean, per_token = outputs = kl_forward(*args, vocab_axis=vocab_axis)
+    return mean + jnp.sum(args[-1] * per_token), outputs
 
 
 def js_forward(h, w, b, ht, wt, g, *, vocab_axis=None):
@@ -120,7 +122,8 @@ def js_forward(h, w, b, ht, wt, g, *, vocab_axis=None):
 
 
 def js_objective(*args, vocab_axis=None):
-    return jnp.sum(args[-1] * js_forward(*args, vocab_axis=vocab_axis))
+    outputs = js_forward(*args, vocab_axis=vocab_axis)
+    return jnp.sum(args[-1] * outputs), outputs
 
 
 ROW, TOK = ("data", None), ("data",)
@@ -168,7 +171,7 @@ def spec_tuple(sharding, ndim):
 
 
 def check(kind, mesh, name, layout, arrays, wants):
-    forward, objective, names, roles, count = CASES[name]
+    _, objective, names, roles, count = CASES[name]
     vocab_axis = "model" if kind == "auto" and layout != "data" else None
     specs = [spec_of(r, layout) for r in roles]
     with jax.set_mesh(mesh):
@@ -177,17 +180,22 @@ def check(kind, mesh, name, layout, arrays, wants):
             for n, s in zip(names, specs, strict=True)
         ]
         argnums = tuple(range(count))
-        grad_fn = jax.jit(
-            jax.value_and_grad(lambda *a: objective(*a, vocab_axis=vocab_axis), argnums)
+        grad_fn = (
+            jax.jit(
+                jax.value_and_grad(
+                    lambda *a: objective(*a, vocab_axis=vocab_axis), argnums, has_aux=True
+                )
+            )
+            .lower(*args)
+            .compile()
         )
-        got = grad_fn(*args)
-        fwd = jax.jit(lambda *a: forward(*a, vocab_axis=vocab_axis))
-        outs = fwd(*args)
+        (value, outs), grads = grad_fn(*args)
+        got = (value, grads)
         what = f"{kind} {name} {layout}"
         assert_close(got, wants[name][0], what + " value and gradients")
         assert_close(outs, wants[name][1], what + " outputs")
         # Gradients keep their inputs' shardings (Explicit), vocabulary-sharded kernels.
-        for n, role, spec, grad in zip(names, roles, specs, got[1], strict=False):
+        for n, role, spec, grad in zip(names, roles, specs, grads, strict=False):
             have = spec_tuple(grad.sharding, grad.ndim)
             if kind == "explicit":
                 assert have == spec_tuple(jax.NamedSharding(mesh, spec), grad.ndim), (what, n, have)
@@ -199,39 +207,40 @@ def check(kind, mesh, name, layout, arrays, wants):
             if out.ndim:
                 assert spec_tuple(out.sharding, 1) == TOK, (what, out.sharding)
         kernel_size = D * V
-        for op, size in collectives(grad_fn.lower(*args).compile()):
+        for op, size in collectives(grad_fn):
             assert not (op == "all-gather" and size >= kernel_size // 2), (what, op, size)
-        if layout == "data" and name != "ce" and name != "kl":
-            # Only per-token outputs: data parallel needs no communication.
-            assert collectives(fwd.lower(*args).compile()) == [], what
     print("ok", kind, name, layout, flush=True)
 
 
 def per_token_only(kind, mesh, arrays):
-    """Data parallel per-token cross-entropy and KL (no scalar) compile with no collective."""
+    """Data parallel, the per-token outputs of every fused loss compile with no collective."""
     with jax.set_mesh(mesh):
-        h, w, y = (jax.device_put(arrays[n], P(*s)) for n, s in (("h", ROW), ("w", ()), ("y", TOK)))
-        ht, wt = jax.device_put(arrays["ht"], P(*ROW)), jax.device_put(arrays["wt"], P())
+        put = {"h": ROW, "ht": ROW, "y": TOK, "t": TOK, "w": (), "wt": ()}
+        h, ht, y, t, w, wt = (jax.device_put(arrays[n], P(*s)) for n, s in put.items())
 
-        def f(h, w, y, ht, wt):
+        def f(h, ht, y, t, w, wt):
             ce, aux = jaxce.linear_softmax_cross_entropy(h, w, y, return_aux=True, **CE)
-            return ce, aux, jaxce.linear_softmax_kl_divergence(h, w, ht, wt)
+            lp = jaxce.linear_log_probs(h, w, y, temperature=t, return_entropy=True)
+            kl = jaxce.linear_softmax_kl_divergence(h, w, ht, wt, temperature=2.0)
+            js = jaxce.linear_js_divergence(h, w, ht, wt, beta=0.3)
+            return ce, aux, lp, kl, js
 
-        assert collectives(jax.jit(f).lower(h, w, y, ht, wt).compile()) == [], kind
+        assert collectives(jax.jit(f).lower(h, ht, y, t, w, wt).compile()) == [], kind
     print("ok", kind, "per-token no collective", flush=True)
 
 
 def padded(kind, mesh):
-    """A vocabulary of 90 columns over 4 shards: padded (Auto ``vocab_axis``; FSDP)."""
+    """A vocabulary of 90 columns over 4 shards, the kernel FSDP-sharded: padded, then
+    re-laid out over the vocabulary (Explicit automatically, Auto with ``vocab_axis``)."""
     arrays = data(90)
     args = [arrays[n] for n in ("h", "w", "b", "cw", "y", "g")]
-    want = jax.value_and_grad(ce_objective, (0, 1, 2, 3))(*args)
+    want = jax.value_and_grad(lambda *a: ce_objective(*a)[0], (0, 1, 2, 3))(*args)
     with jax.set_mesh(mesh):
-        specs = (P(*ROW), P("model", None) if kind == "explicit" else P(None, "model"))
+        specs = (P(*ROW), P("model", None))  # 90 columns cannot be sharded over 4 devices
         placed = [jax.device_put(a, s) for a, s in zip(args[:2], specs, strict=True)] + args[2:]
         vocab_axis = "model" if kind == "auto" else None
         got = jax.jit(
-            jax.value_and_grad(lambda *a: ce_objective(*a, vocab_axis=vocab_axis), (0, 1, 2, 3))
+            jax.value_and_grad(lambda *a: ce_objective(*a, vocab_axis=vocab_axis)[0], (0, 1, 2, 3))
         )(*placed)
     assert_close(got, want, f"{kind} padded vocabulary")
     print("ok", kind, "padded vocabulary", flush=True)
@@ -282,21 +291,20 @@ def main():
     assert len(jax.devices()) == 8, jax.devices()
     arrays = data()
     wants = {}
-    for name, (forward, objective, names, _, count) in CASES.items():
+    for name, (_, objective, names, _, count) in CASES.items():
         args = [arrays[n] for n in names]
-        wants[name] = (
-            jax.jit(jax.value_and_grad(objective, tuple(range(count))))(*args),
-            jax.jit(forward)(*args),
-        )
-    for kind, axis in (
-        ("explicit", jax.sharding.AxisType.Explicit),
-        ("auto", jax.sharding.AxisType.Auto),
-    ):
+        (value, outputs), grads = jax.jit(
+            jax.value_and_grad(objective, tuple(range(count)), has_aux=True)
+        )(*args)
+        wants[name] = ((value, grads), outputs)
+    kinds = {"explicit": jax.sharding.AxisType.Explicit, "auto": jax.sharding.AxisType.Auto}
+    for kind in sys.argv[1:] or kinds:
+        axis = kinds[kind]
         mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis, axis))
         for name in CASES:
             for layout in LAYOUTS:
-                if layout == "fsdp" and name in ("log_probs", "js"):
-                    continue  # the same dispatch as the cross-entropy's and the KL's
+                if layout == "fsdp" and name != "ce":
+                    continue  # the same dispatch as the cross-entropy's
                 check(kind, mesh, name, layout, arrays, wants)
         per_token_only(kind, mesh, arrays)
         padded(kind, mesh)
