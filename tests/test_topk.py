@@ -105,16 +105,18 @@ def test_sparse_masks_weights_reductions(rng):
     assert np.isnan(got[4]) and np.all(np.isfinite(np.delete(np.asarray(got), 4)))
 
 
-def test_sparse_check_grads_order_2(rng):
+def test_sparse_check_grads_with_padding(rng):
+    """Padded (``-inf``) entries, both arguments, first order in both modes; second order
+    (fwd and rev, both tails) is the conformance matrix's ``sparse_distillation_loss`` cells."""
     z = rng.normal(size=(3, 11))
     ids, t = teacher(rng, n=3, v=11, k=4)
+    t[1, 3] = -np.inf
     with jax.enable_x64(True):
-        for tail in ("bucket", "renormalize"):
 
-            def f(z, t, tail=tail):
-                return jaxce.sparse_distillation_loss(z, ids, t, temperature=1.7, tail=tail)
+        def f(z, t):
+            return jaxce.sparse_distillation_loss(z, ids, t, temperature=1.7)
 
-            jax.test_util.check_grads(jax.jit(f), (z, t), order=2, modes=("fwd", "rev"))
+        jax.test_util.check_grads(jax.jit(f), (z, t), order=1, modes=("fwd", "rev"))
 
 
 def test_sparse_gradient_is_student_minus_spread_teacher(rng):
@@ -220,7 +222,7 @@ def test_fused_sparse_matches_materialised_float64(rng, tail):
     cot = rng.normal(size=N)
     with jax.enable_x64(True):
         h, w, b, t, sw, cot = (jnp.asarray(a, jnp.float64) for a in (h, w, b, t, sw, cot))
-        for chunk, vocab in ((8, None), (64, None), (16, V - 4)):
+        for chunk, vocab in ((8, None), (16, V - 4)):
             ids_c = np.minimum(ids, V - 5) if vocab else ids
 
             def fused(h, w, b, t, chunk=chunk, vocab=vocab, ids=ids_c):
@@ -356,7 +358,9 @@ def test_truncated_matches_numpy_with_ties(rng):
     )
 
 
-def test_truncated_check_grads_order_2(rng):
+def test_truncated_gradients(rng):
+    """Second order (fwd and rev) is the conformance matrix's ``truncated_log_probs`` cell;
+    here: first order, and a zero gradient for a label outside the top k."""
     z = rng.normal(size=(4, 9))
     y = np.argsort(-z, -1)[:, 1].astype(np.int32)
     with jax.enable_x64(True):
@@ -365,7 +369,7 @@ def test_truncated_check_grads_order_2(rng):
             lp, h = jaxce.truncated_log_probs(z, y, top_k=3, return_entropy=True)
             return jnp.concatenate([lp, h])
 
-        jax.test_util.check_grads(jax.jit(f), (z,), order=2, modes=("fwd", "rev"))
+        jax.test_util.check_grads(jax.jit(f), (z,), order=1, modes=("rev",))
         y_out = np.argsort(-z, -1)[:, 6].astype(np.int32)
         g = jax.grad(lambda z: jnp.sum(jaxce.truncated_log_probs(z, y_out, top_k=3) * 0 + 1))(z)
         assert np.all(np.asarray(g) == 0)
