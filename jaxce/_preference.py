@@ -654,10 +654,12 @@ def dpo_loss(
             f"f_divergence='reverse_kl', got {f_divergence!r}."
         )
     if loss_weights is not None:
-        if isinstance(loss_weights, list):
+        if isinstance(loss_weights, (list, tuple)):
             loss_weights = tuple(loss_weights)
-        count = len(loss_weights) if isinstance(loss_weights, tuple) else jnp.size(loss_weights)
-        if np.ndim(loss_weights) != 1 or count != len(types):
+            shape = (len(loss_weights),)
+        else:
+            shape = np.shape(loss_weights)  # type: ignore[arg-type]
+        if shape != (len(types),):
             raise ValueError(
                 f"`loss_weights` must hold one weight per loss type ({len(types)} for "
                 f"{types!r}), got {loss_weights!r}."
