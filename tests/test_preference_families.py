@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_transforms_match_eager, check_grads_2
+from helpers import assert_transforms_match_eager, check_grads_2, run_host_devices_script
 from jax.experimental import checkify
 
 import jaxce
@@ -467,3 +467,8 @@ def test_bad_input(rng):
         jaxce.bradley_terry_loss(lp, ref, margin=np.ones(2))
     with pytest.raises(ValueError, match="reduction"):
         jaxce.bradley_terry_loss(lp, ref, reduction="avg")  # type: ignore[arg-type]
+
+
+def test_sharded_over_the_pairs_on_explicit_and_auto_meshes():
+    words = run_host_devices_script("sharded_preference_check.py", 2)
+    assert words[-1] == "OK", words
