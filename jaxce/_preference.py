@@ -340,11 +340,22 @@ def _sorted_margin(beta: Array, a: Array, b: Array, c: Array, d: Array) -> Array
     x, y = a / q - b / q, c / q - d / q
     if x.ndim == 0:
         return q * (beta * (x - y))
+    spec = _explicit_spec(x)
+    if spec is not None:  # an Explicit mesh shards the pair axis: sort the global array
+        unsharded = jax.sharding.PartitionSpec(None, *spec[1:])
+        x, y = jax.sharding.reshard(x, unsharded), jax.sharding.reshard(y, unsharded)
     x, y = jnp.sort(x, axis=0), jnp.sort(y, axis=0)
     # NaN sorts last: the last rank says whether the column holds one
     poisoned = jnp.isnan(x[-1:]) | jnp.isnan(y[-1:])
     margin = q * (beta * (x - y))
-    return jnp.where(poisoned, jnp.full((), jnp.nan, margin.dtype), margin)
+    margin = jnp.where(poisoned, jnp.full((), jnp.nan, margin.dtype), margin)
+    return margin if spec is None else jax.sharding.reshard(margin, spec)
+
+
+def _explicit_spec(x: Array) -> Any:
+    """The partition spec of ``x`` if its leading axis is sharded over an Explicit mesh axis."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec if spec is not None and len(spec) and spec[0] is not None else None
 
 
 def _one_loss(
@@ -654,10 +665,12 @@ def dpo_loss(
             f"f_divergence='reverse_kl', got {f_divergence!r}."
         )
     if loss_weights is not None:
-        if isinstance(loss_weights, list):
+        if isinstance(loss_weights, (list, tuple)):
             loss_weights = tuple(loss_weights)
-        count = len(loss_weights) if isinstance(loss_weights, tuple) else np.size(loss_weights)
-        if np.ndim(loss_weights) != 1 or count != len(types):
+            shape = (len(loss_weights),)
+        else:
+            shape = np.shape(loss_weights)  # type: ignore[arg-type]
+        if shape != (len(types),):
             raise ValueError(
                 f"`loss_weights` must hold one weight per loss type ({len(types)} for "
                 f"{types!r}), got {loss_weights!r}."
@@ -749,7 +762,7 @@ def _dpo_loss(
             # gradient); a cond also skips its work.
             w = weights[k]
             loss = jax.lax.cond(
-                w == 0, lambda: jnp.zeros(pc.shape, dtype), lambda w=w, term=term: w * term()
+                w == 0, lambda: jnp.zeros_like(pc), lambda w=w, term=term: w * term()
             )
         total = loss if total is None else total + loss
     assert total is not None
