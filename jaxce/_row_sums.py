@@ -1,19 +1,20 @@
-r"""Row sums over softmax distributions with closed-form derivatives: one read per pass.
+r"""Row sums over softmax distributions with closed-form derivatives.
 
 The materialised divergences, the entropy and the soft-target cross-entropy are sums over
 the last axis of ``(..., C)`` arrays. Written as plain ``jnp`` with every numerical rule as an
 extra select, their automatic derivatives keep full-size masks and intermediate arrays alive
 between the forward and the backward pass. Here each is a ``jax.custom_jvp`` whose forward pass
-is row reductions only (max, sum of exponentials, the sum itself: reads, no full-size writes)
-and whose tangent is the closed form, e.g. :math:`\partial KL / \partial s = q - p`, so that
-``value_and_grad`` writes nothing of size ``C`` but the gradients. The rules hold in the
-value and in derivatives of any order (the rules are plain ``jnp`` and differentiable, and
-call the function itself for its value):
+is the row statistics (maximum, sum of exponentials, the sum itself) and whose tangent is the
+closed form, e.g. :math:`\partial KL / \partial s = q - p`: ``value_and_grad`` then writes the
+gradients and what XLA:CPU's reduction kernels need as inputs, nothing kept for the backward
+pass. The function returns its row statistics with its value (each with its exact tangent), so
+that the tangent rule reuses the forward pass's reductions. The rules hold in the value and in
+derivatives of any order (the rules are plain ``jnp``, differentiable, and call the function
+itself for its value):
 
-* **exact zero at identity**: a divergence is a termwise sum of differences of logits
-  (``t - s``, exactly 0 where the two arrays agree) and of one per-row shift, which is
-  computed in a form that is exactly 0 for identical rows (:func:`_centred_gap`); no equality
-  pass, no second form per row;
+* **exact zero at identity**: a divergence is a sum of differences of logits (``t - s``,
+  exactly 0 where the two arrays agree) and of one per-row shift computed in a form that is
+  exactly 0 for identical rows (:func:`_pair_stats`); no equality pass, no second form per row;
 * **no overflow**: differences of logits enter halved (``t/2 - s/2``) and are doubled only
   after multiplying by a probability;
 * ``0 * log 0 = 0``: a term whose probability (weight) is exactly 0 is 0 in the value and in
