@@ -244,9 +244,11 @@ def kl_divergence(
     log_q, p, weights = _two_arrays(
         log_predictions, targets, axis, where, sample_weights, ("log_predictions", "targets")
     )
-    # masked classes: log_q is -inf and p is 0 there (off the support)
-    kl = _row_sums.kl_with_targets(log_q.values, p)
-    return _reduce.weigh_and_reduce(kl, weights, reduction)
+    on_support = _numerics.support(p, log_q.class_mask)
+    log_p = _numerics.safe_log(p)
+    kl = _numerics.weighted_log_ratio(p, log_p, log_q.values, on_support)
+    bound = _numerics.rounding_bound(p, log_p, log_q.values, on_support, _eps(p))
+    return _reduce.weigh_and_reduce(_numerics.zero_within(kl, bound), weights, reduction)
 
 
 @overload

@@ -31,7 +31,7 @@ and they are combined with ``pmax``/``psum`` (by the engine; inside the token-ti
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, TypeAlias
+from typing import Literal, NamedTuple, TypeAlias, overload
 
 import jax
 import jax.numpy as jnp
@@ -415,6 +415,119 @@ def _hyperparameter(value, name: str, dtype, domain: _checks.Domain):
     return _checks.nan_outside_domain(value, name, dtype, domain)
 
 
+@overload
+def linear_softmax_cross_entropy(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    class_weights: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["none", "sum", "mean"] = "none",
+    chunk_size: int | None = None,
+    axis_name: str | None = None,
+    vocab_axis: str | None = None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    vocab_size: int | None = None,
+    return_aux: Literal[False] = False,
+) -> Array: ...
+
+
+@overload
+def linear_softmax_cross_entropy(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    class_weights: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["sum_and_weight"],
+    chunk_size: int | None = None,
+    axis_name: str | None = None,
+    vocab_axis: str | None = None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    vocab_size: int | None = None,
+    return_aux: Literal[False] = False,
+) -> tuple[Array, Array]: ...
+
+
+@overload
+def linear_softmax_cross_entropy(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    class_weights: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["none", "sum", "mean"] = "none",
+    chunk_size: int | None = None,
+    axis_name: str | None = None,
+    vocab_axis: str | None = None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    vocab_size: int | None = None,
+    return_aux: Literal[True],
+) -> tuple[Array, LinearCrossEntropyAux]: ...
+
+
+@overload
+def linear_softmax_cross_entropy(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    class_weights: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    reduction: Literal["sum_and_weight"],
+    chunk_size: int | None = None,
+    axis_name: str | None = None,
+    vocab_axis: str | None = None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    vocab_size: int | None = None,
+    return_aux: Literal[True],
+) -> tuple[tuple[Array, Array], LinearCrossEntropyAux]: ...
+
+
+@overload
+def linear_softmax_cross_entropy(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    class_weights: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    reduction: Reduction = "none",
+    chunk_size: int | None = None,
+    axis_name: str | None = None,
+    vocab_size: int | None = None,
+    return_aux: bool = False,
+) -> Array | tuple[Array, Array] | tuple[Array | tuple[Array, Array], LinearCrossEntropyAux]: ...
+
+
 @_api.public(
     static=(
         "ignore_index",
@@ -452,7 +565,7 @@ def linear_softmax_cross_entropy(
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     vocab_size: int | None = None,
     return_aux: bool = False,
-) -> Loss | tuple[Loss, LinearCrossEntropyAux]:
+) -> Array | tuple[Array, Array] | tuple[Array | tuple[Array, Array], LinearCrossEntropyAux]:
     r"""Softmax cross-entropy of ``hidden @ weight + bias`` without materialising the logits.
 
     For a token with hidden state :math:`h`, label :math:`y`, :math:`V` classes, class weights
