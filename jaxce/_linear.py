@@ -857,6 +857,11 @@ def _cross_entropy(
     # saves (measured on CPU, benchmarks/README.md), so the automatic choice wants few tiles.
     few_tiles = rows >= _FAST_MIN_ROWS or rows == num_tokens
     scalar = reduction != "none" and num_tokens > 0
+    # On an Auto mesh in context the partitioner splits the tokens; the fast path's token
+    # tiles would make it all-gather them (and return dhidden replicated), so the per-token
+    # path runs and is reduced (still O(chunk), and no collective beyond the sum's).
+    if axis_name is None and _vocab.auto_partitioned():
+        scalar = False
     if scalar and (chunk_size is not None or few_tiles):
         return _fused_scalar(
             cfg, x, weight, bias, class_weights, y, offset, token_weights, alpha, beta, gamma, lam,

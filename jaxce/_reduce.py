@@ -199,17 +199,12 @@ def take_class(x: Array, labels: Array) -> Array:
     return take_along_classes(x, labels[..., None])[..., 0]
 
 
-@jax.custom_jvp
-def take_along_classes(x: Array, indices: Array) -> Array:
+def gather_along_classes(x: Array, indices: Array) -> Array:
     """``take_along_axis(x, indices, -1)`` for ``x`` ``(..., C)`` and in-range ``indices``
-    ``(..., K)``, on any mesh.
-
-    The value is a gather whose leading axes are batching dimensions, so the partitioner keeps
-    every row on the device that holds it (flat integer indexing with an ``arange`` of rows
-    all-gathers on an Auto mesh and does not trace on an Explicit one). The derivative is a
-    compare-and-select against the class index: its transpose (the gradient) is elementwise,
-    fused by XLA into the rest of the backward pass with no temporary, and, unlike the gather's
-    own transpose (a scatter with batching dimensions), ``checkify``'s index checks transform it.
+    ``(..., K)``, on any mesh: a gather whose leading axes are batching dimensions, so the
+    partitioner keeps every row on the device that holds it. Differentiated by JAX's own
+    rules (the transpose is a scatter-add with the same batching dimensions), which costs
+    ``O(K)`` per row where :func:`take_along_classes`'s compare-and-select costs ``O(K C)``.
     """
     batch = tuple(range(indices.ndim - 1))
     dims = jax.lax.GatherDimensionNumbers(
@@ -226,6 +221,35 @@ def take_along_classes(x: Array, indices: Array) -> Array:
         slice_sizes=(1,) * x.ndim,
         mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
     )
+
+
+def top_k_positions(x: Array, k: int, *others: Array) -> tuple[Array, ...]:
+    """The positions of the ``k`` largest of ``x (..., C)`` along the last axis (ties: the
+    smaller position, as ``lax.top_k``), and each of ``others`` (same shape) at them.
+
+    A two-key ``lax.sort`` rather than ``lax.top_k``: the partitioner keeps a sort over the
+    last axis on the devices holding the rows, where ``top_k`` all-gathers a batch-sharded
+    operand. Not differentiated (gather the values at the positions for a gradient).
+    """
+    # Laid out like ``x`` (on an Explicit mesh every sort operand needs its sharding).
+    iota = jnp.zeros_like(x, jnp.int32) + jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    out = jax.lax.sort((-jax.lax.stop_gradient(x), iota, *others), dimension=x.ndim - 1, num_keys=2)
+    return tuple(o[..., :k] for o in out[1:])
+
+
+@jax.custom_jvp
+def take_along_classes(x: Array, indices: Array) -> Array:
+    """``take_along_axis(x, indices, -1)`` for ``x`` ``(..., C)`` and in-range ``indices``
+    ``(..., K)``, on any mesh.
+
+    The value is a gather whose leading axes are batching dimensions, so the partitioner keeps
+    every row on the device that holds it (flat integer indexing with an ``arange`` of rows
+    all-gathers on an Auto mesh and does not trace on an Explicit one). The derivative is a
+    compare-and-select against the class index: its transpose (the gradient) is elementwise,
+    fused by XLA into the rest of the backward pass with no temporary, and, unlike the gather's
+    own transpose (a scatter with batching dimensions), ``checkify``'s index checks transform it.
+    """
+    return gather_along_classes(x, indices)
 
 
 @take_along_classes.defjvp

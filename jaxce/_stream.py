@@ -610,8 +610,8 @@ def _gather_shards(x: Array, axis_name: str) -> Array:
 
 
 def _top_k(values: Array, ids: Array, k: int) -> tuple[Array, Array]:
-    top, where = lax.top_k(values, k)
-    return top, jnp.take_along_axis(ids, where, axis=1)
+    _, top, top_ids = _reduce.top_k_positions(values, k, values, ids)
+    return top, top_ids
 
 
 def _only(head: int, dz: Array) -> tuple[Array | None, ...]:

@@ -24,7 +24,6 @@ from typing import Literal, TypeAlias
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jaxce import _api, _checks, _logits, _numerics, _reduce, _stream, _vocab, _vocab_parallel
 from jaxce._checks import POSITIVE, Reduction
@@ -99,7 +98,7 @@ def _sparse_kl(s: Array, t: Array, live: Array, tail: str, slack: float) -> Arra
         # log(1 - sum exp) of each side: the tail class's log-mass (NaN past the slack).
         s = jnp.concatenate([s, _log1mexp(top_s)[..., None]], axis=-1)
         t = jnp.concatenate([t, _log1mexp(top_t)[..., None]], axis=-1)
-        live = jnp.concatenate([live, jnp.ones(live.shape[:-1] + (1,), bool)], axis=-1)
+        live = jnp.concatenate([live, jnp.ones_like(live[..., :1])], axis=-1)  # laid out like live
     t = jnp.where(live, t, -jnp.inf)
     q = jnp.exp(t)
     on = _numerics.support(q, live)
@@ -238,12 +237,10 @@ def sparse_distillation_loss(
     num_classes = lg.num_classes
     in_range = (ids >= 0) & (ids < num_classes)
     safe = jnp.where(in_range & live, ids, 0)
-    rows = math.prod(batch)
     k = ids.shape[-1]
 
     def at_ids(x: Array) -> Array:
-        flat = x.reshape(rows, num_classes)[jnp.arange(rows)[:, None], safe.reshape(rows, k)]
-        return flat.reshape(ids.shape)
+        return _reduce.gather_along_classes(x, safe)
 
     class_ok = None if lg.class_mask is None else at_ids(lg.class_mask)
     bad = _bad_ids(ids, live, num_classes, class_ok)
@@ -321,7 +318,8 @@ def truncated_log_probs(
     if temp.ndim:
         temp = _checks.broadcastable(temp, "temperature", lg.batch_shape, "the batch shape")
     z = lg.values / temp[..., None] if temp.ndim else lg.values / temp
-    values, top_ids = lax.top_k(z, int(top_k))
+    (top_ids,) = _reduce.top_k_positions(z, int(top_k))
+    values = _reduce.gather_along_classes(z, top_ids)
     # A NaN logit anywhere in the row (selected or not) makes the row NaN.
     values = jnp.where(jnp.any(jnp.isnan(z), axis=-1, keepdims=True), jnp.nan, values)
     label_logit = _reduce.take_class(z, safe)

@@ -100,6 +100,20 @@ PRODUCT_ELEMENTS = 1 << 22
 MIN_ROWS = 128
 
 
+def auto_partitioned() -> bool:
+    """Whether the context mesh (``jax.set_mesh`` / ``use_mesh``) has several devices and only
+    Auto axes: the partitioner, not a ``shard_map``, then splits the tokens, and a loop that
+    slices the token axis (the fused cross-entropy's gradient-in-forward tiles) would make it
+    gather them. Inside a ``shard_map`` (a Manual axis) or without a context mesh: ``False``.
+    """
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    mesh = get() if get is not None else None
+    if mesh is None or getattr(mesh, "empty", True) or mesh.size <= 1:
+        return False
+    auto = jax.sharding.AxisType.Auto
+    return all(kind == auto for kind in mesh.axis_types)
+
+
 def auto_rows(num_tokens: int, vocab: int, chunk: int | None = None) -> int:
     """Tokens per tile for a scan over token tiles against all ``vocab`` columns.
 
