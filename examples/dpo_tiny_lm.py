@@ -73,7 +73,7 @@ def make_pairs(model, prompts, key, *, prompt_len, completion_len, group_size, t
     """Preference pairs from ``group_size`` samples of each prompt: the tokens of the chosen
     (most ``target``) and rejected (fewest) completions, their rewards, and whether they differ."""
     repeated = jnp.repeat(prompts, group_size, axis=0)
-    tokens = sample_completions(model, repeated, key, 1.0, completion_len)
+    tokens, _ = sample_completions(model, repeated, key, 1.0, completion_len)
     rewards = rewards_for(tokens[:, prompt_len:], target).reshape(-1, group_size)
     offsets = jnp.arange(rewards.shape[0]) * group_size
     best = jnp.argmax(rewards, axis=-1) + offsets
@@ -212,7 +212,7 @@ def main(argv=None) -> dict:
 
     def sampled_reward(key):
         shown, _ = random_windows(np.random.default_rng(args.seed + 1), data, 64, args.prompt_len)
-        tokens = sample_completions(model, jnp.asarray(shown), key, 1.0, args.completion_len)
+        tokens, _ = sample_completions(model, jnp.asarray(shown), key, 1.0, args.completion_len)
         return float(jnp.mean(rewards_for(tokens[:, args.prompt_len :], shapes["target"])))
 
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(args.lr))

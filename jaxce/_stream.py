@@ -610,8 +610,11 @@ def _gather_shards(x: Array, axis_name: str) -> Array:
 
 
 def _top_k(values: Array, ids: Array, k: int) -> tuple[Array, Array]:
-    _, top, top_ids = _reduce.top_k_positions(values, k, values, ids)
-    return top, top_ids
+    if _vocab.auto_partitioned():  # lax.top_k would all-gather the tokens
+        _, top, top_ids = _reduce.top_k_positions(values, k, values, ids)
+        return top, top_ids
+    top, where = lax.top_k(values, k)  # lighter than a sort of three operands
+    return top, jnp.take_along_axis(ids, where, axis=1)
 
 
 def _only(head: int, dz: Array) -> tuple[Array | None, ...]:

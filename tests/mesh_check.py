@@ -19,8 +19,8 @@ the float inputs (``Entry.float_args``). The cell checks:
   collective, and the whole program (scalar reductions, gradients) with all-reduces only.
 
 Entries whose value is a statistic of the whole batch (``per_example=False`` with no
-reduction, e.g. ``ntxent``'s all-pairs similarities, and ``BATCH_GLOBAL``) keep only the value, gradient and
-sharding checks; the collectives their HLO holds are reported. The script writes
+reduction, e.g. ``ntxent``'s all-pairs similarities, and ``BATCH_GLOBAL``) keep only the
+value, gradient and sharding checks; the collectives their HLO holds are reported. The script writes
 ``{cell: {"result": "ok" or what failed, "collectives": {...}}}`` to ``OUT.json``.
 """
 
