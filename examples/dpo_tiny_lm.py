@@ -51,7 +51,7 @@ from grpo_tiny_lm import (
     IGNORE,
     completion_labels,
     load_corpus,
-    pretrain_step,
+    pretrain,
     rewards_for,
     sample_completions,
 )
@@ -164,18 +164,7 @@ def main(argv=None) -> dict:
     seq_len = args.prompt_len + args.completion_len
     rng = np.random.default_rng(args.seed)
 
-    model = CharLM(vocab, seq_len, args.dim, args.layers, rngs=nnx.Rngs(args.seed))
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, args.pretrain_lr, max(1, args.pretrain_steps // 10), max(args.pretrain_steps, 2)
-    )
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    pretrain_losses = []
-    for _ in run.progress("pre-training", args.pretrain_steps):
-        inputs, labels = random_windows(rng, data, 32, seq_len)
-        pretrain_losses.append(float(pretrain_step(model, optimizer, inputs, labels)))
-    if pretrain_losses:
-        print(f"pre-training loss {pretrain_losses[0]:.3f} -> {pretrain_losses[-1]:.3f} nats/char")
+    model, pretrain_losses = pretrain(args, run, data, vocab, seq_len, rng)
     reference = nnx.clone(model)  # frozen: never given to an optimizer
 
     # --- the offline dataset: pairs sampled once from the reference, and its log-probs

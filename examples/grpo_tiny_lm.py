@@ -333,6 +333,24 @@ def save_figure(path, pretrain_losses, history, target: str, method: str) -> Non
             ax.set(xlabel=f"{method.upper()} step", title=title)
 
 
+def pretrain(args, run, data, vocab: int, seq_len: int, rng) -> tuple[CharLM, list[float]]:
+    """The character LM pre-trained on next-character prediction (``args.pretrain_steps``
+    steps of ``args.pretrain_lr`` with warm-up and cosine decay), and its losses."""
+    model = CharLM(vocab, seq_len, args.dim, args.layers, rngs=nnx.Rngs(args.seed))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, args.pretrain_lr, max(1, args.pretrain_steps // 10), max(args.pretrain_steps, 2)
+    )
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    pretrain_losses = []
+    for _ in run.progress("pre-training", args.pretrain_steps):
+        inputs, labels = random_windows(rng, data, 32, seq_len)
+        pretrain_losses.append(float(pretrain_step(model, optimizer, inputs, labels)))
+    if pretrain_losses:
+        print(f"pre-training loss {pretrain_losses[0]:.3f} -> {pretrain_losses[-1]:.3f} nats/char")
+    return model, pretrain_losses
+
+
 def parse_args(argv=None):
     parser = command_line(__doc__, steps=60, batch_size=8, lr=3e-4)
     parser.add_argument(
@@ -380,18 +398,7 @@ def main(argv=None) -> dict:
     seq_len = args.prompt_len + args.completion_len
     rng = np.random.default_rng(args.seed)
 
-    model = CharLM(vocab, seq_len, args.dim, args.layers, rngs=nnx.Rngs(args.seed))
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, args.pretrain_lr, max(1, args.pretrain_steps // 10), max(args.pretrain_steps, 2)
-    )
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    pretrain_losses = []
-    for _ in run.progress("pre-training", args.pretrain_steps):
-        inputs, labels = random_windows(rng, data, 32, seq_len)
-        pretrain_losses.append(float(pretrain_step(model, optimizer, inputs, labels)))
-    if pretrain_losses:
-        print(f"pre-training loss {pretrain_losses[0]:.3f} -> {pretrain_losses[-1]:.3f} nats/char")
+    model, pretrain_losses = pretrain(args, run, data, vocab, seq_len, rng)
 
     reference = nnx.clone(model)  # frozen: never given to an optimizer
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(args.lr))
