@@ -208,6 +208,17 @@ def linear_softmax_kl_divergence(
     few ``(tokens, chunk_size)`` float32 tiles plus the float32 ``dhidden`` accumulators,
     forward and backward.
 
+    **Numerics.** :math:`G + L_a - L_c` is taken as :math:`G - \operatorname{log1p}(\sum_v
+    p_v \operatorname{expm1}(c_v - a_v))`, exactly 0 for equal heads. Far from identity (that
+    sum outside :math:`[-1/2, 1]`: a hidden value of ``1e30`` or the largest float in either
+    head, where :math:`G` and :math:`L_a - L_c` are huge and cancel) a fourth running
+    statistic, :math:`E_q[(c - m_c) - (a - m_a)]` against both running maxima, gives the
+    divergence with no cancellation, and the teacher's gradient is :math:`T q_v (\log q_v -
+    \log p_v - KL)`. One caveat of XLA:CPU, not of this loss: a temperature that is not a
+    power of two scales the logits with a product that XLA may round differently in two
+    fusions, which for logits beyond about ``1e7`` shifts ``exp(z - max)`` visibly (at
+    ``1e28``, to 0 or inf; ``jax.nn.logsumexp(x / 3)`` does the same there).
+
     Half-precision operands stay half precision in the matmuls, with float32 accumulation
     (``preferred_element_type``); the statistics are float32 and the logits' gradients are cast
     to the operand dtype just before the backward matmuls. The loss is float32 for
@@ -401,7 +412,11 @@ def linear_js_divergence(
     into :math:`J_P` and :math:`J_Q` (:math:`JS_\beta = J_P + J_Q`). The backward recomputes the
     tiles and uses :math:`\partial JS / \partial a_v = \beta P_v (\log P_v - \log M_v) - P_v
     J_P` and :math:`\partial JS / \partial c_v = (1 - \beta) Q_v (\log Q_v - \log M_v) - Q_v
-    J_Q`. Memory, precision and sharding are as in :func:`linear_softmax_kl_divergence`.
+    J_Q`. With :math:`d = \log Q_v - \log P_v` taken as :math:`(c_v - a_v) - (L_c - L_a)`
+    (0 for equal heads) near identity and as :math:`(c_v - L_c) - (a_v - L_a)` far from it (a
+    hidden value of ``1e30`` or the largest float: see the KL's "Numerics"), the loss and its
+    gradients stay finite wherever the divergence is. Memory, precision and sharding are as in
+    :func:`linear_softmax_kl_divergence`.
 
     **Differentiation.** Reverse mode only (``jax.grad``, ``jax.value_and_grad``,
     ``jax.vjp``), to first order, under ``jax.jit``, ``jax.vmap``, ``jax.checkpoint`` and

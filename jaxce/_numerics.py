@@ -199,5 +199,7 @@ def truncated_log_prob(values: Array, ids: Array, label_logit: Array, labels: Ar
     lse = log_sum_exp(values, live)
     inside = jnp.any(ids == labels[..., None], axis=-1)
     log_p = jnp.where(inside, label_logit - jnp.where(inside, lse, _zero(lse)), -jnp.inf)
-    log_p = jnp.where(jnp.isnan(lse), jnp.nan, log_p)
+    # NaN from the values themselves: XLA:CPU was seen to fold ``isnan(lse)`` to False here
+    # (a row of NaN values gave -inf for a label outside the ids)
+    log_p = jnp.where(jnp.any(jnp.isnan(values), axis=-1), jnp.nan, log_p)
     return log_p, softmax_entropy(values, lse, live)

@@ -384,18 +384,34 @@ def _log_ratio_update(carry, t: Fwd):
     return step.rescale * carry + jnp.sum(weighted(step.e, jnp.expm1(t.block.gap)), axis=1)
 
 
-def _log_ratio_finish(carry, f: Final) -> Array:
-    """``lse_c - lse_a = log E_p[e^(c - a)] = log1p(E_p[expm1(c - a)])``, accurately.
+def _log_ratio_finish(carry, f: Final) -> tuple[Array, Array]:
+    """``(lse_c - lse_a, near)``: ``log E_p[e^(c - a)] = log1p(E_p[expm1(c - a)])`` on rows
+    near identity, where that mean lies in ``[-1/2, 1]``.
 
     Accurate when ``c`` is close to ``a`` (exactly 0 when they are equal), unlike the
-    difference of the two log-normalisers.
+    difference of the two log-normalisers; that difference is taken instead on the other
+    (``far``) rows: a logit of ``1e30`` makes ``expm1`` overflow (mean ``inf``) or round to
+    ``-1`` (``log1p`` of it ``-inf``) although the ratio is finite. (The halves keep two
+    normalisers of opposite sign near the largest float from overflowing.)
     """
     mean = carry / f.state[0].s
     if f.axis_name is not None:
         share = jnp.exp(f.lse_local[0] - f.lse[0])  # the student's mass on this shard
         empty = f.lse_local[0] == -jnp.inf
         mean = lax.psum(jnp.where(empty, jnp.zeros((), mean.dtype), share * mean), f.axis_name)
-    return jnp.log1p(mean)
+    near = (mean >= -0.5) & (mean <= 1)
+    far = 2 * (f.lse[1] / 2 - f.lse[0] / 2)
+    far = jnp.where(jnp.isnan(mean), mean, far)  # a NaN logit stays NaN
+    centred = jnp.log1p(jnp.where(near, mean, jnp.zeros((), mean.dtype)))
+    return jnp.where(near, centred, far), near
+
+
+def _log_probs(blk: Block, lse) -> tuple[Array, Array]:
+    """``(log P, log Q)`` of the two heads on a block (``-inf`` off the real columns)."""
+    a, c = blk.z
+    lp = jnp.where(blk.valid, a - lse[0][:, None], -jnp.inf)
+    lq = jnp.where(blk.valid, c - lse[1][:, None], -jnp.inf)
+    return lp, lq
 
 
 def _undefined(f: Final, value: Array) -> Array:
@@ -404,42 +420,78 @@ def _undefined(f: Final, value: Array) -> Array:
     return jnp.where(bad, jnp.full((), jnp.nan, value.dtype), value)
 
 
+def _far_update(far: Array, st_a: Step, st_c: Step, blk: Block) -> Array:
+    """The running ``E_q[((c - m_c) - (a - m_a)) / 2]`` against both heads' running maxima.
+
+    Each term is small where the teacher ``q`` has its mass, however large the logits; the
+    halves, the per-block ``1 / C`` and keeping a mean (not a sum) keep every intermediate
+    below the largest float where the result is.
+    """
+    zero = jnp.zeros((), far.dtype)
+    s_new = st_c.new.s
+    safe = jnp.where(s_new == 0, jnp.ones((), s_new.dtype), s_new)
+    # the old mean, re-centred on the moved maxima and re-weighted
+    moved = (st_c.shift / 2 - finite_or_zero(st_c.old.m) / 2) - (
+        st_a.shift / 2 - finite_or_zero(st_a.old.m) / 2
+    )
+    keep = jnp.where(s_new == 0, zero, st_c.rescale * st_c.old.s / safe)
+    old = weighted(keep, far - moved)
+    a, c = blk.z
+    half = (c / 2 - st_c.shift[:, None] / 2) - (a / 2 - st_a.shift[:, None] / 2)
+    cols = a.shape[1]
+    fresh = jnp.sum(weighted(st_c.e, half / cols), axis=1)
+    return old + jnp.where(s_new == 0, zero, fresh * (cols / safe))
+
+
 @dataclasses.dataclass(frozen=True)
 class KLDivergence(Stat):
     """``KL(q || p)`` of the teacher ``q`` (head 1, logits ``c``) from the student ``p``.
 
-    The student is head 0 (logits ``a``); one pass:
+    The student is head 0 (logits ``a``); one pass. Near identity
     ``KL = E_q[c - a] - log E_p[e^(c - a)]``, both terms accumulated termwise online (no
     difference of log-normalisers): exactly 0 for equal heads, clamped at 0 against rounding.
-    ``dKL / da_v = p_v - q_v``, ``dKL / dc_v = q_v (c_v - a_v - E_q[c - a])``.
+    Far from it (a logit of ``1e30`` in either head: the two terms are huge and cancel) from
+    the sum of ``(c - m_c) - (a - m_a)`` against the running maxima, each term small where
+    ``q`` has its mass. ``dKL / da_v = p_v - q_v``, ``dKL / dc_v = q_v (log q_v - log p_v -
+    KL)``, with ``log q_v - log p_v = c_v - a_v - E_q[c - a]`` near identity.
     """
 
     uses_p: ClassVar[tuple[int, ...]] = (0, 1)
 
     def init(self, rows):
-        return rows, rows
+        return rows, rows, rows
 
     def update(self, carry, t):
-        gap_sum, ratio_sum = carry
-        step = t.steps[1]  # type: ignore[index]
-        gap_sum = step.rescale * gap_sum + jnp.sum(weighted(step.e, t.block.gap), axis=1)
-        return gap_sum, _log_ratio_update(ratio_sum, t)
+        gap_sum, ratio_sum, far = carry
+        st_a, st_c = t.steps  # type: ignore[misc]
+        gap_sum = st_c.rescale * gap_sum + jnp.sum(weighted(st_c.e, t.block.gap), axis=1)
+        return gap_sum, _log_ratio_update(ratio_sum, t), _far_update(far, st_a, st_c, t.block)
 
     def finish(self, carry, f):
-        gap_sum, ratio_sum = carry
+        gap_sum, ratio_sum, far = carry
         gap = gap_sum / f.state[1].s  # the teacher's expectation over this shard's columns
+        # E_q[(c - lse_c) - (a - lse_a)] over this shard's columns
+        far = (2 * far - jnp.log(f.state[1].s)) + jnp.log(f.state[0].s)
         if f.axis_name is not None:
+            far = far - (f.lse[1] - f.lse_local[1]) + (f.lse[0] - f.lse_local[0])
             share = jnp.exp(f.lse_local[1] - f.lse[1])
             empty = f.lse_local[1] == -jnp.inf  # an all-padding shard: gap is 0 / 0 there
-            part = jnp.where(empty, jnp.zeros((), gap.dtype), share * gap)
-            gap = lax.psum(part, f.axis_name)
-        kl = _undefined(f, jnp.maximum(gap - _log_ratio_finish(ratio_sum, f), 0))
-        return kl, gap
+            zero = jnp.zeros((), gap.dtype)
+            gap = lax.psum(jnp.where(empty, zero, share * gap), f.axis_name)
+            far = lax.psum(jnp.where(empty, zero, weighted(share, far)), f.axis_name)
+        ratio, near = _log_ratio_finish(ratio_sum, f)
+        near = near & jnp.isfinite(gap)
+        kl = _undefined(f, jnp.maximum(jnp.where(near, gap - ratio, far), 0))
+        return kl, (gap, near, kl)
 
-    def grads(self, g, gap, t):
+    def grads(self, g, residual, t):
+        gap, near, kl = residual
         p, q = t.p
+        lp, lq = _log_probs(t.block, t.lse)
+        centred = t.block.gap - gap[:, None]
+        log_ratio = jnp.where(near[:, None], centred, (lq - lp) - kl[:, None])
         row = g[:, None]
-        return (row * (p - q), row * weighted(q, t.block.gap - gap[:, None])), None, None
+        return (row * (p - q), row * weighted(q, log_ratio)), None, None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -451,7 +503,9 @@ class JSDivergence(Stat):
 
     With ``d = log Q - log P = (c - a) - log E_p[e^(c - a)]`` (the first pass), the terms are
     ``log P - log M = -log1p((1 - beta) expm1(d))`` and ``log Q - log M = -log1p(beta
-    expm1(-d))``: exactly 0 for equal heads, accurate near them. With ``J_P``, ``J_Q`` the two
+    expm1(-d))``: exactly 0 for equal heads, accurate near them (far from identity, where the
+    two terms of ``d`` are huge and cancel, ``d = (c - lse_c) - (a - lse_a)``). With ``J_P``,
+    ``J_Q`` the two
     halves, ``dJS / da_v = beta P_v (log P_v - log M_v) - P_v J_P`` (likewise for ``c``) and
     ``dJS / dbeta = KL(P || M) - KL(Q || M)``.
     """
@@ -476,9 +530,9 @@ class JSDivergence(Stat):
         return _undefined(f, jnp.maximum(jp + jq, 0)), (f.first, jp, jq)
 
     def grads(self, g, residual, t):
-        ratio, jp, jq = residual
+        first, jp, jq = residual
         beta = t.param
-        p, q, rp, rq, tp, tq = _js_terms(t.block, t.lse, ratio, beta)
+        p, q, rp, rq, tp, tq = _js_terms(t.block, t.lse, first, beta)
         row = g[:, None]
         ga = row * (tp - p * jp[:, None])
         gc = row * (tq - q * jq[:, None])
@@ -486,17 +540,21 @@ class JSDivergence(Stat):
         return (ga, gc), d_beta, None
 
 
-def _js_terms(blk: Block, lse, ratio, beta):
-    """``(P, Q, log P - log M, log Q - log M, beta P (..), (1 - beta) Q (..))`` on a block."""
-    a, c = blk.z
-    lp = jnp.where(blk.valid, a - lse[0][:, None], -jnp.inf)
-    lq = jnp.where(blk.valid, c - lse[1][:, None], -jnp.inf)
+def _js_terms(blk: Block, lse, first, beta):
+    """``(P, Q, log P - log M, log Q - log M, beta P (..), (1 - beta) Q (..))`` on a block.
+
+    ``first``: the first pass's ``(lse_c - lse_a, near)``.
+    """
+    ratio, near = first
+    lp, lq = _log_probs(blk, lse)
     p, q = jnp.exp(lp), jnp.exp(lq)
-    d = blk.gap - ratio[:, None]  # log Q - log P on the real columns
-    zero = jnp.zeros((), a.dtype)
+    # log Q - log P on the real columns: exactly 0 for equal heads near identity
+    d = jnp.where(near[:, None], blk.gap - ratio[:, None], lq - lp)
+    zero = jnp.zeros((), p.dtype)
     d = jnp.where(blk.valid, d, zero)
-    rp = -jnp.log1p((1 - beta) * jnp.expm1(d))
-    rq = -jnp.log1p(beta * jnp.expm1(-d))
+    # |d| is capped at 80 inside expm1: beyond, the term's weight (P or Q) is below e^-80
+    rp = -jnp.log1p((1 - beta) * jnp.expm1(jnp.minimum(d, 80.0)))
+    rq = -jnp.log1p(beta * jnp.expm1(jnp.minimum(-d, 80.0)))
     return p, q, rp, rq, weighted(beta * p, rp), weighted((1 - beta) * q, rq)
 
 

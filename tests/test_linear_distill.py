@@ -393,6 +393,61 @@ def test_nan_in_nan_out_and_dropped_nan(rng, kind):
     assert not np.any(np.asarray(grads[0][2]))
 
 
+def _float64_through_tempered_logits(kind, arrays, temperature):
+    """The materialised loss at ``T = 1`` of the float64 tempered logits ``(h W + b) / T``
+    (divided in NumPy: on XLA:CPU a division by 3 inside the program can round differently
+    in two fusions, which for a logit of 1e28 is an error of 1e12), its gradients carried to
+    the six arrays by the chain rule, with the cotangents of ``value_and_grads``.
+    """
+    h, w, b, ht, wt, bt = (np.asarray(a, np.float64) for a in arrays)
+    s, t = (h @ w + b) / temperature, (ht @ wt + bt) / temperature
+    scale = temperature**2 if kind == "kl" else 1.0
+    dense = jaxce.softmax_kl_divergence if kind == "kl" else jaxce.js_divergence
+    with jax.enable_x64(True):
+
+        def total(s, t):
+            out = scale * dense(s, t)
+            return jnp.sum(out * jnp.linspace(0.5, 1.5, out.size, dtype=out.dtype)), out
+
+        (_, out), (ds, dt) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(s, t)
+        ds, dt = np.asarray(ds) / temperature, np.asarray(dt) / temperature
+    grads = (ds @ w.T, h.T @ ds, ds.sum(0), dt @ wt.T, ht.T @ dt, dt.sum(0))
+    return np.asarray(out), grads
+
+
+# Temperatures that are powers of two: on XLA:CPU a logit scaled by 1/3 can round differently
+# in two fusions that read it (a fused multiply-add in one), and at 1e28 one ulp is 1e21, so
+# even ``jax.nn.logsumexp(x / 3)`` is inf there (the docstrings' "Numerics" say so).
+@pytest.mark.parametrize("kind,temperature", [("kl", 1.0), ("js", 1.0), ("kl", 2.0), ("js", 0.5)])
+def test_huge_hidden_values_match_float64(rng, kind, temperature):
+    """One hidden value of +-1e30 or +-f32max in the student's or the teacher's row: the
+    divergence is finite (the student's ~1e29-1e37, a bounded JS, the teacher's a few nats:
+    its softmax is one-hot), and the fused float32 values and gradients are those of the
+    materialised loss in float64 (before: inf, 0 or NaN, from log1p(E_p[expm1(c - a)])
+    overflowing and from the huge terms of E_q[c - a] - log E_p[e^(c - a)] cancelling).
+    """
+    (h, w, b, ht, wt, bt), _ = make(rng, n=10, v=50)
+    w, wt = w * 0.2, wt * 0.2  # logits up to ~0.2 f32max: representable
+    top = float(np.finfo(np.float32).max)
+    for row, (student, value) in enumerate(
+        [(True, 1e30), (False, -1e30), (True, -top), (False, top), (True, -1e30), (False, 1e30)]
+    ):
+        (h if student else ht)[row, row % 3] = value
+    arrays = (h, w, b, ht, wt, bt)
+    out, grads = value_and_grads(FUSED[kind], arrays, chunk_size=16, temperature=temperature)
+    ref, ref_grads = _float64_through_tempered_logits(kind, arrays, temperature)
+    assert np.all(np.isfinite(np.asarray(out))) and np.all(np.asarray(out) >= 0)
+    np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(ref), rtol=1e-6)
+    for name, g, r in zip(NAMES, grads, ref_grads, strict=True):
+        g, r = np.asarray(g, np.float64), np.asarray(r)
+        top_r = np.abs(r) > top  # f32max times a gradient: inf in float32, as it must be
+        assert np.array_equal(np.isinf(g), top_r), name
+        # float32 rounding of the one-hot teacher's log-ratio (~1e-7) times a hidden value
+        # of f32max: gradients within 1e-4 of the array's largest entry
+        scale = np.abs(r[~top_r]).max()
+        np.testing.assert_allclose(g[~top_r], r[~top_r], atol=1e-4 * scale, err_msg=name)
+
+
 @pytest.mark.parametrize("kind", ["kl", "js"])
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean", "sum_and_weight"])
 def test_empty_batch(rng, kind, reduction):
