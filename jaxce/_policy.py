@@ -1096,7 +1096,7 @@ def _replicated(x: Array) -> Array:
     spec = getattr(jax.typeof(x).sharding, "spec", None)
     if spec is None or all(axis is None for axis in spec):
         return x
-    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+    return _reduce.reshard(x, jax.sharding.PartitionSpec())
 
 
 def _kept_quantile(values: Array, count: Array, level: Array) -> Array:

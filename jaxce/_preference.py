@@ -343,13 +343,13 @@ def _sorted_margin(beta: Array, a: Array, b: Array, c: Array, d: Array) -> Array
     spec = _explicit_spec(x)
     if spec is not None:  # an Explicit mesh shards the pair axis: sort the global array
         unsharded = jax.sharding.PartitionSpec(None, *spec[1:])
-        x, y = jax.sharding.reshard(x, unsharded), jax.sharding.reshard(y, unsharded)
+        x, y = _reduce.reshard(x, unsharded), _reduce.reshard(y, unsharded)
     x, y = jnp.sort(x, axis=0), jnp.sort(y, axis=0)
     # NaN sorts last: the last rank says whether the column holds one
     poisoned = jnp.isnan(x[-1:]) | jnp.isnan(y[-1:])
     margin = q * (beta * (x - y))
     margin = jnp.where(poisoned, jnp.full((), jnp.nan, margin.dtype), margin)
-    return margin if spec is None else jax.sharding.reshard(margin, spec)
+    return margin if spec is None else _reduce.reshard(margin, spec)
 
 
 def _explicit_spec(x: Array) -> Any:

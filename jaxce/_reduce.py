@@ -276,13 +276,25 @@ def take_vector(vector: Array, labels: Array) -> Array:
     return vector.at[labels].get(out_sharding=jax.typeof(labels).sharding)
 
 
+def reshard(x: Array, spec: jax.sharding.PartitionSpec) -> Array:
+    """``x`` laid out as ``spec`` on the Explicit mesh of its own type (else the context's).
+
+    ``jax.sharding.reshard`` with a bare ``PartitionSpec`` needs a context mesh
+    (``jax.set_mesh``); global arrays with Explicit shardings may reach ``jit`` without one.
+    """
+    mesh = jax.typeof(x).sharding.mesh
+    if mesh.empty:  # not laid out on a mesh yet: the context mesh's axes
+        return jax.sharding.reshard(x, spec)
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))
+
+
 def replicated(x: Array) -> Array:
     """``x`` whole on every device where its type says it is sharded (an Explicit mesh: an
     all-gather, for computations that meet every example); else ``x``, for the partitioner.
     """
     if all(axis is None for axis in jax.typeof(x).sharding.spec):
         return x
-    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+    return reshard(x, jax.sharding.PartitionSpec())
 
 
 def weigh_and_reduce(raw_loss: Array, weights: ExampleWeights, reduction: str):

@@ -116,7 +116,7 @@ def _reshard(x, spec: jax.sharding.PartitionSpec):
         x.ndim - len(spec)
     ):
         return x
-    return jax.sharding.reshard(x, spec)
+    return _reduce.reshard(x, spec)
 
 
 # ------------------------------------------------------------------------------ dispatch

@@ -14,7 +14,8 @@ shard it holds against the single-process unsharded result computed on its own l
 Then the same under plain ``jit`` on the Explicit mesh (``jax.set_mesh``), no ``shard_map``:
 the cross-entropy, the log-probabilities with the entropy and the fused KL with the weights
 sharded over the vocabulary (``P(None, "vocab")``: vocab-parallel by the weights' sharding)
-and replicated with the tokens over all four devices (data parallel).
+and replicated with the tokens over all four devices (data parallel). Last,
+``top_entropy_mask``'s global quantile over the tokens of both processes.
 Prints ``ok <process_id>`` on success.
 """
 
@@ -137,6 +138,30 @@ def check(mesh, make_loss, arrays, specs, names) -> None:
     compare(value, grads, value_want, grads_want, names, "shard_map")
 
 
+def check_top_entropy_mask(mesh, axes) -> None:
+    """``top_entropy_mask``'s quantile is global across the processes: under plain ``jit`` on
+    a global array and inside ``shard_map`` with ``axis_name`` over both mesh axes, equal to
+    NumPy's quantile of every kept token (each process holding half of them)."""
+    r = np.random.default_rng(3)
+    entropy = r.gamma(2.0, size=(N, 6)).astype(np.float32)
+    keep = r.uniform(size=(N, 6)) < 0.7
+    kept = entropy[keep].astype(np.float64)
+    want = keep & (entropy >= np.quantile(kept, 0.8))
+    spec = P(axes, None)
+    args = [global_array(mesh, a, spec) for a in (entropy, keep)]
+    masks = {"plain jit": jax.jit(functools.partial(jaxce.top_entropy_mask, fraction=0.2))}
+    masks["shard_map"] = jax.jit(
+        jax.shard_map(
+            functools.partial(jaxce.top_entropy_mask, fraction=0.2, axis_name=axes),
+            mesh=mesh, in_specs=(spec, spec), out_specs=spec,
+        )
+    )  # fmt: skip
+    for what, fn in masks.items():
+        got = fn(*args)
+        for shard in got.addressable_shards:
+            assert np.array_equal(np.asarray(shard.data), want[shard.index]), what
+
+
 def main(process_id: int, num_processes: int, port: int) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
@@ -182,6 +207,7 @@ def main(process_id: int, num_processes: int, port: int) -> None:
             mesh, kl_of, (h, w, ht, wt, sw), (row, ker, row, ker, tok),
             ("hidden", "weight", "target_hidden", "target_weight"), f"plain jit {layout} kl",
         )  # fmt: skip
+    check_top_entropy_mask(mesh, every)
     print("ok", process_id, flush=True)
     jax.distributed.shutdown()
 

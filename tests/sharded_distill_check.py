@@ -5,7 +5,8 @@ Needs 8 devices; on a CPU host run it as
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
         python tests/sharded_distill_check.py
 
-For 1, 2, 4 and 8 vocabulary shards on a ``(data, model)`` mesh, the value and the gradients
+For 8 vocabulary shards (1, 2 and 4: the conformance matrix's shard_map cells) on a
+``(data, model)`` mesh, the value and the gradients
 (w.r.t. the six arrays, the temperature and ``beta``) of both losses inside ``jax.shard_map``
 must equal the unsharded ones, which must equal the materialised losses. Prints ``ok S`` per
 shard count.
@@ -139,7 +140,8 @@ def check(kind, shards, arrays, sw):
 def main():
     assert len(jax.devices()) == 8, jax.devices()
     arrays, sw = make()
-    for shards in (1, 2, 4, 8):
+    # 1, 2 and 4 shards: the conformance matrix's shard_map cells run them
+    for shards in (8,):
         for kind in ("kl", "js"):
             check(kind, shards, arrays, sw)
         print("ok", shards, flush=True)

@@ -5,7 +5,8 @@ must be fixed before JAX starts)::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_linear_check.py
 
-For 1, 2, 4 and 8 vocabulary shards on a ``(data, model)`` mesh it checks the loss, its
+For 8 vocabulary shards (1, 2 and 4: the conformance matrix's shard_map cells) on a
+``(data, model)`` mesh it checks the loss, its
 gradients (hidden, weight, bias, class weights), the per-token losses and the auxiliary
 outputs against the unsharded loss, which is itself checked against the materialised one.
 Prints ``ok <shards>`` per mesh; any mismatch raises.
@@ -156,7 +157,8 @@ def main():
         )
 
     aux_want = _AuxWant(aux.lse, aux.z_loss, aux.argmax, jax.grad(with_lse, (0, 1))(h, w))
-    for shards in (1, 2, 4, 8):
+    # 1, 2 and 4 shards: the conformance matrix's shard_map cells run them
+    for shards in (8,):
         check(shards, h, w, b, cw, y, mask, want, aux_want, loss)
         print("ok", shards, flush=True)
 

@@ -5,8 +5,9 @@ count must be fixed before JAX starts)::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/sharded_log_probs_check.py
 
-For 1, 2 and 4 vocabulary shards on a ``(data, model)`` mesh (the vocabulary padded to a
-multiple of the shard count) it checks against the unsharded call:
+For 4 vocabulary shards (1 and 2: the conformance matrix's shard_map cells) on a
+``(data, model)`` mesh (the vocabulary padded to a multiple of the shard count) it checks
+against the unsharded call:
 
 * ``linear_log_probs``: both outputs and the gradients of ``sum(a * log_probs + c *
   entropy)`` w.r.t. hidden, weight and bias, with a per-sequence temperature, soft cap and
@@ -128,7 +129,8 @@ def main():
                 objectives[key] = functools.partial(
                     ce_objective, use_bias=use_bias, cap=cap, aux=aux
                 )
-    for shards in (1, 2, 4):
+    # 1 and 2 shards: the conformance matrix's shard_map cells run them
+    for shards in (4,):
         check(shards, args, objectives)
         print("ok", shards)
 

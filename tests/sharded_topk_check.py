@@ -5,8 +5,9 @@ be fixed before JAX starts)::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/sharded_topk_check.py
 
-For 1, 2 and 4 vocabulary shards on a ``(data, model)`` mesh (the vocabulary padded to a
-multiple of the shard count) it checks against the unsharded call, outputs and the gradients
+For 4 vocabulary shards (1 and 2: the conformance matrix's shard_map cells) on a
+``(data, model)`` mesh (the vocabulary padded to a multiple of the shard count) it checks
+against the unsharded call, outputs and the gradients
 w.r.t. hidden, weight and bias:
 
 * ``linear_log_probs(top_k=k)`` with the entropy, for a ``k`` below and one above a shard's
@@ -166,7 +167,8 @@ def main():
         "sparse bucket": functools.partial(sparse_objective, tail="bucket"),
         "sparse renormalize": functools.partial(sparse_objective, tail="renormalize"),
     }
-    for shards in (1, 2, 4):
+    # 1 and 2 shards: the conformance matrix's shard_map cells (1, 2, 4 devices) run them
+    for shards in (4,):
         check(shards, args, objectives)
         if shards == 4:  # JAX hands replicated outputs' cotangents over as shares
             check(shards, args, objectives, check_vma=False)

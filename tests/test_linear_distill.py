@@ -554,4 +554,4 @@ def test_memory_is_o_chunk(kind):
 @pytest.mark.slow
 def test_vocab_parallel_shard_map_matches_unsharded():
     words = run_host_devices_script("sharded_distill_check.py", 8)
-    assert words == ["ok", "1", "ok", "2", "ok", "4", "ok", "8"]
+    assert words == ["ok", "8"]

@@ -348,4 +348,4 @@ def test_fused_divergences_are_exactly_zero_for_identical_inputs():
 @pytest.mark.slow
 def test_vocab_parallel_shard_map_matches_unsharded():
     words = run_host_devices_script("sharded_log_probs_check.py", 4)
-    assert words == ["ok", "1", "ok", "2", "ok", "4"]
+    assert words == ["ok", "4"]

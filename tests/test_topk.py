@@ -474,4 +474,4 @@ def test_fused_top_k_memory_is_o_chunk():
 @pytest.mark.slow
 def test_vocab_parallel_shard_map_matches_unsharded():
     words = run_host_devices_script("sharded_topk_check.py", 4)
-    assert words == ["ok", "1", "ok", "2", "ok", "4", "ok", "explicit"]
+    assert words == ["ok", "4", "ok", "explicit"]
