@@ -40,10 +40,9 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-# Compile time is most of the run: ``test_mesh.py`` adds these to ``XLA_FLAGS``. The backend's
-# optimisations do not change which collectives the partitioned HLO holds, nor (beyond
-# rounding) the values.
-FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+# Compile time is most of the run: ``test_mesh.py`` runs this with ``helpers.FAST_COMPILE``.
+# The backend's optimisations do not change which collectives the partitioned HLO holds, nor
+# (beyond rounding) the values.
 N = 8  # examples: divides every mesh size
 AXIS = "batch"
 TOL = {"rtol": 2e-5, "atol": 2e-6}
