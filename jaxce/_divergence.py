@@ -385,6 +385,10 @@ def softmax_kl_divergence(
     centred form :math:`\sum_c p_c (d_c - D)`, :math:`d = (t - s)/T`,
     :math:`D = \operatorname{log1p}(\sum_c q_c \operatorname{expm1}(d_c))`, which keeps
     the relative precision of a small divergence between nearly equal distributions.
+    Logits of any finite size are handled (``1e30``, the largest float). One caveat of
+    XLA:CPU, not of this formula: with a temperature that is not a power of two, XLA may round
+    ``logits / T`` differently in two fusions that read it, which for logits beyond about
+    ``1e7`` shifts ``exp(z - max)`` visibly (``jax.nn.logsumexp(x / 3)`` does the same).
 
     The gradient flows into **both** arguments (this is a plain function of two arrays, as
     for mutual learning). For a frozen teacher pass
