@@ -1089,23 +1089,13 @@ def top_entropy_mask(
     return keep & (h >= threshold) & (count > 0)
 
 
-def _replicated(x: Array) -> Array:
-    """``x`` replicated where an Explicit mesh shards it (a sort needs its whole axis; under
-    Auto meshes and ``shard_map`` the values are left as they are).
-    """
-    spec = getattr(jax.typeof(x).sharding, "spec", None)
-    if spec is None or all(axis is None for axis in spec):
-        return x
-    return _reduce.reshard(x, jax.sharding.PartitionSpec())
-
-
 def _kept_quantile(values: Array, count: Array, level: Array) -> Array:
     """``numpy.quantile(kept, level)`` (linear) of the ``count`` kept ``values`` (the others
     are ``+inf``, sorted after them); NaN if a kept value is NaN.
     """
     if values.size == 0:  # no token at all: nothing is kept
         return jnp.full((), jnp.inf, values.dtype)
-    ordered = jnp.sort(_replicated(values))
+    ordered = jnp.sort(_reduce.replicated(values))  # a sort needs its whole axis
     last = jnp.maximum(count - 1, 0)
     position = level * last.astype(values.dtype)
     below = jnp.clip(jnp.floor(position).astype(jnp.int32), 0, last)

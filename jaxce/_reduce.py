@@ -290,9 +290,11 @@ def reshard(x: Array, spec: jax.sharding.PartitionSpec) -> Array:
 
 def replicated(x: Array) -> Array:
     """``x`` whole on every device where its type says it is sharded (an Explicit mesh: an
-    all-gather, for computations that meet every example); else ``x``, for the partitioner.
+    all-gather, for computations that meet every example); else ``x``, for the partitioner
+    (Auto meshes) or as it is (inside ``shard_map``).
     """
-    if all(axis is None for axis in jax.typeof(x).sharding.spec):
+    spec = getattr(jax.typeof(x).sharding, "spec", None)
+    if spec is None or all(axis is None for axis in spec):
         return x
     return reshard(x, jax.sharding.PartitionSpec())
 
