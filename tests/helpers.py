@@ -6,6 +6,7 @@ The float64 references themselves live in ``reference.py``, which imports only N
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import pathlib
@@ -15,22 +16,114 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.test_util import check_grads
 from reference import log_softmax
 
 # ----------------------------------------------------------------------------- checks
+
+# XLA:CPU options that cut compile time 2-6x: LLVM unoptimised, and the elemental emitters
+# in place of the MLIR fusion emitters. The HLO passes (the partitioner's collectives,
+# buffer assignment) are unchanged, and so are the values to within last bits. Compile is
+# most of a test's time, so the gradient checks (float64 derivatives against central
+# differences at ~1e-5, ``check_grads``; the conformance matrix's grad, order2 and
+# checkpoint cells) and the sharding check scripts (``host_devices_env``: sharded against
+# unsharded, compiled alike) use them. The tests of numerical rules (exact zeros, extreme
+# values, NaN propagation, dtypes) compile with the defaults, as users' programs do.
+FAST_COMPILE = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+    "xla_cpu_use_fusion_emitters": False,
+}
+FAST_COMPILE_FLAGS = tuple(f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE.items())
+
+
+def _numerical_jvp(f, args, tangents, eps):
+    plus = f(*jax.tree.map(lambda a, t: a + eps * t, args, tangents))
+    minus = f(*jax.tree.map(lambda a, t: a - eps * t, args, tangents))
+    return jax.tree.map(lambda p, m: (p - m) * (0.5 / eps), plus, minus)
+
+
+def _inner(a, b):
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def _gradient_checks(f, args, order, modes, eps, rng):
+    """``jax.test_util.check_grads``'s recursion, traced: ``[(what, got, want)]``.
+
+    At each order, ``"fwd"``: the JVP's primal equals ``f``, its tangent the central
+    difference along a random tangent; ``"rev"``: the VJP's primal equals ``f``, and the
+    VJP of a random cotangent dotted with a random tangent equals the cotangent dotted with
+    the central difference. The next order checks ``(x, t) -> jvp(f, x, t)`` at ``(x, x)``
+    and ``x -> vjp(f, x)(f(x))`` the same way.
+    """
+
+    def rand_like(tree):
+        return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(np.shape(x)), x.dtype), tree)
+
+    checks = []
+
+    def recurse(f, args, order, what):
+        if "fwd" in modes:
+            name = f"JVP of {what}" if what else "JVP"
+            tangent = rand_like(args)
+            primal, tangent_out = jax.jvp(f, args, tangent)
+            checks.append((f"{name} primal", primal, f(*args)))
+            checks.append((name, tangent_out, _numerical_jvp(f, args, tangent, eps)))
+            if order > 1:
+                recurse(functools.partial(jax.jvp, f), (args, args), order - 1, name)
+        if "rev" in modes:
+            name = f"VJP of {what}" if what else "VJP"
+            primal, vjp = jax.vjp(f, *args)
+            checks.append((f"{name} primal", primal, f(*args)))
+            tangent = rand_like(args)
+            cotangent = rand_like(primal)
+            numeric = _inner(_numerical_jvp(f, args, tangent, eps), cotangent)
+            checks.append((name, numeric, _inner(tangent, vjp(cotangent))))
+            if order > 1:
+
+                def f_vjp(*args):
+                    primal, vjp = jax.vjp(f, *args)
+                    return vjp(primal)
+
+                recurse(f_vjp, args, order - 1, name)
+
+    recurse(f, tuple(args), order, "")
+    return checks
+
+
+def check_grads(f, args, order, modes=("fwd", "rev"), eps=1e-4, atol=1e-5, rtol=1e-5):
+    """``jax.test_util.check_grads(f, args, order, modes, ...)``: the same checks in the same
+    recursion, traced into one program compiled with ``FAST_COMPILE``.
+
+    ``jax.test_util.check_grads`` runs each derivative eagerly, compiling a program for every
+    JVP, VJP and difference of every order; here they are one ``jit``, and the comparisons
+    run on its outputs. ``args`` are JAX arrays (use ``jax.enable_x64`` for float64).
+    """
+    names = []
+
+    def run(*args):
+        checks = _gradient_checks(f, args, order, modes, eps, np.random.RandomState(0))
+        names[:] = [name for name, _, _ in checks]
+        return [(got, want) for _, got, want in checks]
+
+    results = jax.jit(run, compiler_options=FAST_COMPILE)(*args)
+    for name, (got, want) in zip(names, results, strict=True):
+        got, want = jax.tree.leaves(got), jax.tree.leaves(want)
+        assert len(got) == len(want), name
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype, f"{name}: dtype {g.dtype}, expected {w.dtype}"
+            np.testing.assert_allclose(
+                np.asarray(g), np.asarray(w), rtol=rtol, atol=atol, err_msg=name
+            )
 
 
 def check_grads_2(f, args, eps=1e-4, atol=1e-5, rtol=1e-5):
     """``check_grads`` to order 2 in forward and reverse mode, in float64.
 
     ``args`` are NumPy arrays; they are converted to float64 JAX arrays inside ``enable_x64``.
-    ``f`` is jitted first: differentiating a jitted function compiles each derivative once,
-    where eager evaluation would compile every primitive separately (minutes per test on CI).
     """
     with jax.enable_x64(True):
         jargs = tuple(jnp.asarray(np.asarray(a, np.float64)) for a in args)
-        check_grads(jax.jit(f), jargs, order=2, modes=("fwd", "rev"), eps=eps, atol=atol, rtol=rtol)
+        check_grads(f, jargs, order=2, modes=("fwd", "rev"), eps=eps, atol=atol, rtol=rtol)
 
 
 def check_half_precision_policy(f, a, b, dtype, rtol, atol):
@@ -161,22 +254,16 @@ def divergence_inputs(rng, kind, shape=BINARY_SHAPE):
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 
 
-# XLA:CPU flags that cut LLVM's share of compile time (the HLO passes, and so the
-# partitioner's collectives and buffer assignment's memory, are the same): for the sharding
-# checks, whose programs are tiny and compared with the unsharded call compiled alike.
-FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
-
-
 def host_devices_env(count: int, *, fast_compile: bool = True) -> dict[str, str]:
     """The environment of a check script that needs ``count`` CPU devices.
 
     The device count is fixed when JAX starts, so such checks run as subprocesses. The
     checkout's ``jaxce`` comes first on their path (where the checkout has none, as in CI's
-    installed-wheel step, the installed one is used). ``fast_compile``: ``FAST_COMPILE``.
+    installed-wheel step, the installed one is used). ``fast_compile``: ``FAST_COMPILE_FLAGS``.
     """
     root = str(TESTS_DIR.parent)
     flags = [f"--xla_force_host_platform_device_count={count}"]
-    flags += list(FAST_COMPILE) if fast_compile else []
+    flags += list(FAST_COMPILE_FLAGS) if fast_compile else []
     return dict(
         os.environ,
         XLA_FLAGS=" ".join(flags),

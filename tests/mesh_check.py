@@ -3,7 +3,8 @@
 Run as a script on 8 host devices (``tests/test_mesh.py`` does, once per test session)::
 
     XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 \
-      --xla_llvm_disable_expensive_passes=true" python tests/mesh_check.py OUT.json [ENTRY]
+      --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false" \
+      python tests/mesh_check.py OUT.json [ENTRY]
 
 For each entry of ``conformance_registry.ENTRIES`` and each of its mesh cells (``CELLS``: an
 Explicit mesh, ``jax.make_mesh``'s default, or an Auto one, of 4 or 8 devices, used with
@@ -40,7 +41,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-# Compile time is most of the run: ``test_mesh.py`` runs this with ``helpers.FAST_COMPILE``.
+# Compile time is most of the run: ``test_mesh.py`` runs this with ``helpers.FAST_COMPILE_FLAGS``.
 # The backend's optimisations do not change which collectives the partitioned HLO holds, nor
 # (beyond rounding) the values.
 N = 8  # examples: divides every mesh size

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import run_host_devices_script
+from helpers import check_grads, run_host_devices_script
 from jax.experimental import checkify
 
 import jaxce
@@ -165,7 +165,7 @@ def test_check_grads_reverse_float64(rng):
             )  # fmt: skip
             return jnp.concatenate([lp, ent])
 
-        jax.test_util.check_grads(jax.jit(f), args, order=1, modes=("rev",))
+        check_grads(f, args, order=1, modes=("rev",))
 
 
 def test_transforms_jit_vmap_checkpoint(rng):
