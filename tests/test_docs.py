@@ -162,7 +162,7 @@ def test_distributed_guide_code_runs_on_eight_devices():
     program = "\n\n".join(code_blocks("distributed"))
     done = subprocess.run(
         [sys.executable, "-c", program],
-        env=host_devices_env(8, fast_compile=False),  # the guide's code, as a user runs it
+        env=host_devices_env(8),
         capture_output=True,
         text=True,
         timeout=900,  # a loaded 2-core machine; about 20 s of CPU time
