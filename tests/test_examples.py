@@ -59,10 +59,23 @@ def test_classify_digits_smoke(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_classify_digits_default_run(tmp_path, capsys):
-    """The README promises >= 97% held-out accuracy for the default run."""
-    metrics, _ = run_example("classify_digits", "", tmp_path, capsys)
+def test_classify_digits_default_run(tmp_path):
+    """The README's demo command, ``python examples/classify_digits.py``, as a user runs it
+    (a subprocess, XLA's default codegen: the run is compute-bound, and the suite's fast
+    compile flags would make it slower): >= 97% held-out accuracy, as the README promises."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "classify_digits.py"), "--no-progress",
+         "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    metrics = json.loads((tmp_path / "classify_digits.json").read_text())
+    assert metrics["last_loss"] < metrics["first_loss"], metrics
     assert metrics["test_accuracy"] >= 0.97, metrics
+    line = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"classify_digits: backend=\w+ steps=\d+ .+ time=\d+\.\ds", line), line
 
 
 @pytest.mark.slow
