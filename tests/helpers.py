@@ -20,20 +20,17 @@ from reference import log_softmax
 
 # ----------------------------------------------------------------------------- checks
 
-# XLA:CPU options that cut compile time 2-6x: LLVM unoptimised, and the elemental emitters
-# in place of the MLIR fusion emitters. The HLO passes (the partitioner's collectives,
-# buffer assignment) are unchanged, and so are the values to within last bits. Compile is
-# most of a test's time, so the gradient checks (float64 derivatives against central
-# differences at ~1e-5, ``check_grads``; the conformance matrix's grad, order2 and
-# checkpoint cells) and the sharding check scripts (``host_devices_env``: sharded against
-# unsharded, compiled alike) use them. The tests of numerical rules (exact zeros, extreme
-# values, NaN propagation, dtypes) compile with the defaults, as users' programs do.
-FAST_COMPILE = {
-    "xla_backend_optimization_level": 0,
-    "xla_llvm_disable_expensive_passes": True,
-    "xla_cpu_use_fusion_emitters": False,
-}
-FAST_COMPILE_FLAGS = tuple(f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE.items())
+# XLA:CPU flags that cut compile time 2-6x: LLVM unoptimised, and the elemental emitters in
+# place of the MLIR fusion emitters. The HLO passes (the partitioner's collectives, buffer
+# assignment) are unchanged, and so are the values to within last bits. Compile is most of a
+# test's time: the root ``conftest.py`` sets these for the suite (``JAXCE_TEST_CODEGEN=default``
+# leaves XLA's defaults, as CI's second pass over the numerical-rule tests does), and
+# ``host_devices_env`` for the sharding check scripts.
+FAST_COMPILE_FLAGS = (
+    "--xla_backend_optimization_level=0",
+    "--xla_llvm_disable_expensive_passes=true",
+    "--xla_cpu_use_fusion_emitters=false",
+)
 
 
 def _numerical_jvp(f, args, tangents, eps):
@@ -92,7 +89,7 @@ def _gradient_checks(f, args, order, modes, eps, rng):
 
 def check_grads(f, args, order, modes=("fwd", "rev"), eps=1e-4, atol=1e-5, rtol=1e-5):
     """``jax.test_util.check_grads(f, args, order, modes, ...)``: the same checks in the same
-    recursion, traced into one program compiled with ``FAST_COMPILE``.
+    recursion, traced into one program.
 
     ``jax.test_util.check_grads`` runs each derivative eagerly, compiling a program for every
     JVP, VJP and difference of every order; here they are one ``jit``, and the comparisons
@@ -105,7 +102,7 @@ def check_grads(f, args, order, modes=("fwd", "rev"), eps=1e-4, atol=1e-5, rtol=
         names[:] = [name for name, _, _ in checks]
         return [(got, want) for _, got, want in checks]
 
-    results = jax.jit(run, compiler_options=FAST_COMPILE)(*args)
+    results = jax.jit(run)(*args)
     for name, (got, want) in zip(names, results, strict=True):
         got, want = jax.tree.leaves(got), jax.tree.leaves(want)
         assert len(got) == len(want), name
@@ -254,22 +251,24 @@ def divergence_inputs(rng, kind, shape=BINARY_SHAPE):
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 
 
-def host_devices_env(count: int, *, fast_compile: bool = True) -> dict[str, str]:
-    """The environment of a check script that needs ``count`` CPU devices.
-
-    The device count is fixed when JAX starts, so such checks run as subprocesses. The
-    checkout's ``jaxce`` comes first on their path (where the checkout has none, as in CI's
-    installed-wheel step, the installed one is used). ``fast_compile``: ``FAST_COMPILE_FLAGS``.
-    """
+def script_env(xla_flags: str | None) -> dict[str, str]:
+    """The environment of a script run as a subprocess: this one's, with the checkout's
+    ``jaxce`` first on the path (where the checkout has none, as in CI's installed-wheel step,
+    the installed one is used) and ``XLA_FLAGS`` set to ``xla_flags`` (left out for ``None``)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
     root = str(TESTS_DIR.parent)
-    flags = [f"--xla_force_host_platform_device_count={count}"]
-    flags += list(FAST_COMPILE_FLAGS) if fast_compile else []
-    return dict(
-        os.environ,
-        XLA_FLAGS=" ".join(flags),
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))),
-    )
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
+    return env
+
+
+def host_devices_env(count: int) -> dict[str, str]:
+    """The environment of a check script that needs ``count`` CPU devices, compiling with
+    ``FAST_COMPILE_FLAGS`` (the device count is fixed when JAX starts, so such checks run as
+    subprocesses)."""
+    flags = (f"--xla_force_host_platform_device_count={count}", *FAST_COMPILE_FLAGS)
+    return dict(script_env(" ".join(flags)), JAX_PLATFORMS="cpu")
 
 
 def run_host_devices_script(name: str, count: int, timeout_s: float = 600) -> list[str]:

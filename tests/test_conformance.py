@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import FAST_COMPILE, TESTS_DIR, host_devices_env
+from helpers import TESTS_DIR, host_devices_env
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning", "ignore:The y_prob values do not sum to one"
@@ -173,7 +173,7 @@ def _assert_first_order(got, modes, what, rtol=1e-5, atol=1e-6):
 
 def _check_first_order(f, x, modes, what):
     run, args = _first_order(f, x, modes)
-    _assert_first_order(jax.jit(run, compiler_options=FAST_COMPILE)(*args), modes, what)
+    _assert_first_order(jax.jit(run)(*args), modes, what)
 
 
 _SHARED_FIRST_ORDER: dict[str, object] = {}
@@ -194,10 +194,9 @@ def _compute_all_reductions_first_order(entry):
             for r in entry.reductions
         ]
         try:
-            return jax.jit(
-                lambda args: [run(*a) for (run, _), a in zip(runs, args, strict=True)],
-                compiler_options=FAST_COMPILE,
-            )([a for _, a in runs])
+            return jax.jit(lambda args: [run(*a) for (run, _), a in zip(runs, args, strict=True)])(
+                [a for _, a in runs]
+            )
         except Exception:  # noqa: BLE001 - the failing reduction's own cell reports it
             return None
 
@@ -260,8 +259,7 @@ def cell_checkpoint(entry):
         lambda *fl: (
             jax.value_and_grad(scalar, argnums, has_aux=True)(*fl),
             jax.value_and_grad(jax.checkpoint(scalar), argnums, has_aux=True)(*fl),
-        ),
-        compiler_options=FAST_COMPILE,
+        )
     )(*floats)
     _assert_trees_close(remat, plain, what="checkpoint vs plain: values and gradients")
     _assert_trees_close(plain[0][1], outs, what="values vs eager")

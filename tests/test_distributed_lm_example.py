@@ -2,14 +2,13 @@
 sets up itself; the loss falls and the head's gradient stays sharded over the vocabulary."""
 
 import json
-import os
 import pathlib
 import re
 import subprocess
 import sys
 
 import pytest
-from helpers import FAST_COMPILE_FLAGS
+from helpers import FAST_COMPILE_FLAGS, script_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "distributed_lm.py"
@@ -25,9 +24,7 @@ pytest.importorskip("tqdm")
 def test_distributed_lm_learns_with_a_vocab_sharded_head(tmp_path, axis_type, mesh):
     # No device count in XLA_FLAGS: the script must ask for its 8 CPU devices itself, before
     # JAX starts. The flags are the suite's fast-compile ones (half the run's time).
-    env = dict(os.environ, XLA_FLAGS=" ".join(FAST_COMPILE_FLAGS))
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))
+    env = dict(script_env(" ".join(FAST_COMPILE_FLAGS)), JAX_PLATFORMS="cpu")
     options = "--steps 16 --batch-size 8 --seq-len 16 --dim 32 --layers 1 --eval-every 8"
     done = subprocess.run(
         [sys.executable, str(EXAMPLE), *options.split(), "--axis-type", axis_type,

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import load_example
+from helpers import load_example, script_env
 
 nnx = pytest.importorskip("flax.nnx")
 optax = pytest.importorskip("optax")
@@ -36,15 +36,22 @@ def run_example(name: str, options: str, out: pathlib.Path, capsys) -> tuple[dic
     Returns the metrics ``main`` returned and the summary line it printed last.
     """
     metrics = load_example(name).main([*options.split(), "--no-progress", "--out", str(out)])
+    line = check_run(name, metrics, out, capsys.readouterr().out)
+    return metrics, line
+
+
+def check_run(name: str, metrics: dict, out: pathlib.Path, printed: str) -> str:
+    """A run's outputs: the loss fell, the figure and ``<name>.json`` (with ``metrics``'s last
+    loss) were written, and the last line printed is the summary, which is returned."""
     assert metrics["last_loss"] < metrics["first_loss"], metrics
     png = out / f"{name}.png"
     assert png.is_file() and png.stat().st_size > 1000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / f"{name}.json").read_text())
     assert saved["last_loss"] == pytest.approx(metrics["last_loss"])
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    line = printed.strip().splitlines()[-1]
     assert re.fullmatch(rf"{name}: backend=\w+ steps=\d+ .+ time=\d+\.\ds", line), line
-    return metrics, line
+    return line
 
 
 @pytest.mark.slow
@@ -63,19 +70,15 @@ def test_classify_digits_default_run(tmp_path):
     """The README's demo command, ``python examples/classify_digits.py``, as a user runs it
     (a subprocess, XLA's default codegen: the run is compute-bound, and the suite's fast
     compile flags would make it slower): >= 97% held-out accuracy, as the README promises."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))
     done = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "classify_digits.py"), "--no-progress",
          "--out", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=900, check=False,
+        env=script_env(None), capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     metrics = json.loads((tmp_path / "classify_digits.json").read_text())
-    assert metrics["last_loss"] < metrics["first_loss"], metrics
+    check_run("classify_digits", metrics, tmp_path, done.stdout)
     assert metrics["test_accuracy"] >= 0.97, metrics
-    line = done.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"classify_digits: backend=\w+ steps=\d+ .+ time=\d+\.\ds", line), line
 
 
 @pytest.mark.slow
@@ -202,7 +205,7 @@ def test_demo_runs_from_its_file_at_the_repo_root():
     done = subprocess.run(
         [sys.executable, "examples/classify_digits.py", "--help"],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's jaxce
+        env=script_env(os.environ.get("XLA_FLAGS")),  # this checkout's jaxce
         capture_output=True,
         text=True,
         timeout=120,
